@@ -1,0 +1,103 @@
+"""Checks that bring a per-image prior onto its image's grid before any augmentation.
+
+A prior file (``.npy`` float16, channel first, see :mod:`medspan.priors.statistics`) covers the
+same field of view as its image, on the same grid or a coarser one with the same aspect ratio.
+:class:`PriorToImaged` checks that, resamples the prior to the image grid (linear) when needed,
+and from then on every spatial transform moves image and prior together.
+
+Example::
+
+    PriorToImaged(image_key="image", prior_key="prior", n_structures=3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from medspan.errors import DataError
+
+__all__ = ["PriorToImaged", "source_name"]
+
+
+def source_name(x: Any, default: str = "<in-memory>") -> str:
+    """The file a (Meta)Tensor was loaded from, for error messages."""
+    meta = getattr(x, "meta", None)
+    if isinstance(meta, Mapping):
+        name = meta.get("filename_or_obj")
+        if isinstance(name, (list, tuple)):
+            name = name[0] if name else None
+        if name:
+            return str(name)
+    return default
+
+
+class PriorToImaged(MapTransform):
+    """Validate the prior of an image and resample it onto the image grid.
+
+    Args:
+        image_key: key of the channel-first image (C, *spatial).
+        prior_key: key of the channel-first prior (S, *spatial').
+        n_structures: expected number of prior channels (None: any).
+        aspect_tol: relative tolerance on the aspect ratio of prior vs image.
+
+    Raises:
+        DataError: naming the prior file and the image file: wrong number of dims or channels,
+            a different field of view (aspect ratio), or non-finite values.
+    """
+
+    def __init__(
+        self,
+        image_key: str = "image",
+        prior_key: str = "prior",
+        n_structures: int | None = None,
+        aspect_tol: float = 0.02,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__([prior_key], allow_missing_keys)
+        self.image_key, self.prior_key = image_key, prior_key
+        self.n_structures = n_structures
+        self.aspect_tol = aspect_tol
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.prior_key not in d:
+            if self.allow_missing_keys:
+                return d
+            raise DataError(source_name(d.get(self.image_key)), f"entry has no '{self.prior_key}'")
+        img, prior = d[self.image_key], d[self.prior_key]
+        where = f"{source_name(prior)} (prior of {source_name(img)})"
+        sdim = img.ndim - 1
+        if prior.ndim != img.ndim:
+            raise DataError(
+                where,
+                f"prior must be channel-first with {sdim} spatial dims like its image {tuple(img.shape)}, "
+                f"got shape {tuple(prior.shape)}",
+            )
+        if self.n_structures is not None and prior.shape[0] != self.n_structures:
+            raise DataError(where, f"prior has {prior.shape[0]} channels, expected {self.n_structures} structures")
+        ishape, pshape = tuple(img.shape[1:]), tuple(prior.shape[1:])
+        if ishape != pshape:
+            ri = [s / ishape[0] for s in ishape[1:]]
+            rp = [s / pshape[0] for s in pshape[1:]]
+            if any(abs(a - b) > self.aspect_tol * a for a, b in zip(ri, rp)):
+                raise DataError(
+                    where,
+                    f"prior spatial shape {pshape} does not cover the image's field of view {ishape} "
+                    "(different aspect ratio)",
+                )
+        p = torch.as_tensor(prior).float()
+        if not torch.isfinite(p).all():
+            raise DataError(where, "prior has NaN or infinite values")
+        if ishape != pshape:
+            mode = "bilinear" if sdim == 2 else "trilinear"
+            p = F.interpolate(p[None], size=ishape, mode=mode, align_corners=False)[0]
+        meta = dict(getattr(img, "meta", {}) or {})
+        meta["filename_or_obj"] = source_name(prior)
+        d[self.prior_key] = MetaTensor(p.clamp_(0, 1), affine=getattr(img, "affine", None), meta=meta)
+        return d

@@ -1,0 +1,118 @@
+"""Atomic, resumable epoch checkpoints for ignite / MONAI engines.
+
+MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a kill during ``torch.save``
+leaves a truncated file that looks like a checkpoint. :class:`EpochCheckpoint` writes
+``checkpoint_epoch=N.pt`` under a temporary name in the same folder and renames it, keeps the
+newest ``n_saved``, and on ``STARTED`` restores the newest one (student, teacher, optimizer, DINO
+centre, trainer epoch/iteration), so re-running the same command continues where a killed run
+stopped.
+
+Example::
+
+    EpochCheckpoint("runs/span_cxr/checkpoints",
+                    {"student": s, "teacher": t, "optimizer": opt, "dino_loss": loss, "trainer": trainer}
+                    ).attach(trainer)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+__all__ = ["EpochCheckpoint", "latest_checkpoint", "atomic_torch_save"]
+
+_PATTERN = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
+logger = logging.getLogger(__name__)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the target folder, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The ``checkpoint_epoch=N.pt`` with the largest N in ``directory``, or None."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _PATTERN.match(p.name))]
+    return max(found)[1] if found else None
+
+
+class EpochCheckpoint:
+    """Save every ``interval`` epochs atomically; restore the newest checkpoint when the engine starts.
+
+    Args:
+        save_dir: folder of the checkpoints.
+        save_dict: name -> object with ``state_dict`` / ``load_state_dict`` (modules, optimizer, loss, engine).
+        n_saved: how many recent checkpoints to keep.
+        interval: save every this many epochs (the last epoch is always saved).
+        resume: restore the newest checkpoint at ``Events.STARTED`` if one exists.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        n_saved: int = 2,
+        interval: int = 1,
+        resume: bool = True,
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.n_saved = max(1, int(n_saved))
+        self.interval = max(1, int(interval))
+        self.resume = bool(resume)
+        self.resumed_from: Path | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def load(self, engine: Engine) -> None:
+        if not self.resume:
+            return
+        path = latest_checkpoint(self.save_dir)
+        if path is None:
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
+        if max_epochs is not None and engine.state.epoch > max_epochs:
+            raise ValueError(
+                f"{path}: checkpoint is at epoch {engine.state.epoch} but max_epochs is {max_epochs}; "
+                "raise max_epochs to continue or start a new run directory"
+            )
+        engine.state.max_epochs = max_epochs
+        self.resumed_from = path
+        logger.info("resumed from %s (epoch %d)", path, engine.state.epoch)
+
+    def save(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        if epoch % self.interval and epoch != engine.state.max_epochs:
+            return
+        state = {k: v.state_dict() for k, v in self.save_dict.items()}
+        atomic_torch_save(state, self.save_dir / f"checkpoint_epoch={epoch}.pt")
+        found = sorted((int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := _PATTERN.match(p.name)))
+        for _, p in found[: -self.n_saved]:
+            p.unlink(missing_ok=True)
