@@ -29,6 +29,9 @@ class DataError(MedspanError, ValueError):
         self.problem = problem
         super().__init__(f"{self.where}: {problem}")
 
+    def __reduce__(self):  # keep (where, problem) across process boundaries (worker pools)
+        return (type(self), (self.where, self.problem))
+
 
 class TrainingError(MedspanError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says what and where."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -187,7 +189,8 @@ def test_determinism_and_compose():
 def test_shapes_dtypes_and_kept_keys():
     img = MetaTensor(torch.randint(0, 255, (1, 70, 50)).to(torch.uint8), meta={"filename_or_obj": "a.png"})
     t = MultiCropd(global_size=32, local_size=16, n_global=2, n_local=5)
-    out = t.set_random_state(0)({"image": img, "prior": torch.rand(3, 70, 50), "label": torch.tensor([1, 0]), "id": "p1"})
+    data = {"image": img, "prior": torch.rand(3, 70, 50), "label": torch.tensor([1, 0]), "id": "p1"}
+    out = t.set_random_state(0)(data)
     assert out["global_crops"].shape == (2, 1, 32, 32) and out["global_crops"].dtype == torch.float32
     assert out["global_priors"].shape == (2, 3, 32, 32) and out["global_priors"].dtype == torch.float32
     assert out["local_crops"].shape == (5, 1, 16, 16) and out["local_crops"].dtype == torch.float32
@@ -230,3 +233,33 @@ def test_center_view():
     assert "view_label" not in out and out["view"].shape == (1, 16, 16)
     with pytest.raises(DataError, match="x.png"):
         CenterViewd(size=16)({"image": img, "label": torch.zeros(2, 10, 10)})
+
+
+REAL = Path(__file__).resolve().parents[2] / "shared/data/real"
+MHH = REAL / "mhh_covid_cxr_v7_lungs"
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not (MHH / "images/19abe1f3.jpg").exists(), reason="needs ../shared/data/real")
+def test_real_cxr_lung_mask_follows_the_crops():
+    from monai.transforms import EnsureChannelFirstd, LoadImaged, ScaleIntensityd
+
+    load = Compose([
+        LoadImaged(["image", "prior"], reader="PILReader"),
+        EnsureChannelFirstd(["image", "prior"]),
+        ScaleIntensityd(["image", "prior"]),
+    ])
+    d = load({"image": str(MHH / "images/19abe1f3.jpg"), "prior": str(MHH / "masks/19abe1f3.png")})
+    assert d["image"].shape == d["prior"].shape == (1, 2000, 2000)
+    prior = d["prior"].as_tensor().clone()
+    image = d["image"].as_tensor().clone()
+    t = MultiCropd(global_size=64, local_size=32, n_local=2, intensity=False, global_scale=(0.6, 1.0))
+    out = t.set_random_state(1)(d)
+    for v, box in enumerate(out["global_boxes"].tolist()):
+        assert torch.equal(out["global_priors"][v], crop_and_resize(prior, box, 64))
+        assert torch.equal(out["global_crops"][v], crop_and_resize(image, box, 64))
+        crop, lung = out["global_crops"][v, 0], out["global_priors"][v, 0]
+        # aerated lung is darker than the rest of the chest in a radiograph
+        assert crop[lung > 0.9].mean() < crop[lung < 0.1].mean()
+    with pytest.raises(DataError, match="19abe1f3.jpg"):
+        t({"image": d["image"], "prior": prior[:, :1000]})

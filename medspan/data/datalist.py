@@ -310,7 +310,8 @@ def _entry_problems(
         v = entry[key]
         if n_struct is not None and isinstance(v, list) and all(_is_path(e) for e in v) and len(v) != n_struct:
             problems.append(
-                f"'{key}' lists {len(v)} paths but the datalist has {n_struct} structures ({', '.join(map(str, structures))})"
+                f"'{key}' lists {len(v)} paths but the datalist has {n_struct} structures "
+                f"({', '.join(map(str, structures))})"
             )
         if n_struct is not None and isinstance(v, Mapping):
             missing = [s for s in structures if s not in v]
@@ -325,11 +326,15 @@ def _entry_problems(
         if not (isinstance(v, list) and all(_is_number(e) for e in v)):
             problems.append(f"wrong type for 'labels': expected a list of numbers, got {type(v).__name__} {v!r:.80}")
         elif isinstance(classes, list) and len(v) != len(classes):
-            problems.append(f"'labels' has {len(v)} values but the datalist has {len(classes)} classes ({', '.join(map(str, classes))})")
+            problems.append(
+                f"'labels' has {len(v)} values but the datalist has {len(classes)} classes "
+                f"({', '.join(map(str, classes))})"
+            )
     if isinstance(classes, list):
         for c in classes:
             if isinstance(c, str) and c in entry and c not in PATH_KEYS and not _is_number(entry[c]):
-                problems.append(f"wrong type for class '{c}': expected a number, got {type(entry[c]).__name__} {entry[c]!r:.40}")
+                got = f"{type(entry[c]).__name__} {entry[c]!r:.40}"
+                problems.append(f"wrong type for class '{c}': expected a number, got {got}")
     if "case_id" in entry and (not isinstance(entry["case_id"], (str, int)) or entry["case_id"] == ""):
         problems.append(f"wrong type for 'case_id': expected a non-empty string, got {entry['case_id']!r:.40}")
 
@@ -663,7 +668,10 @@ def split_datalist(
             raise ValueError(f"n_val={n_val} must be within 0..{len(entries)}")
         fracs = [1.0 - n_val / max(len(entries), 1), n_val / max(len(entries), 1)]
     else:
-        fracs = [1.0 - float(fractions), float(fractions)] if isinstance(fractions, (int, float)) else [float(f) for f in fractions]
+        if isinstance(fractions, (int, float)):
+            fracs = [1.0 - float(fractions), float(fractions)]
+        else:
+            fracs = [float(f) for f in fractions]
         if any(f < 0 for f in fracs) or sum(fracs) <= 0:
             raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions}")
         total = sum(fracs)

@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--require", nargs="+", default=["image"], metavar="KEY",
         help="keys every entry must have (default: image)",
     )
-    parser.add_argument("--base-dir", type=Path, default=None, help="folder relative paths start from (default: the datalist's)")
+    parser.add_argument(
+        "--base-dir", type=Path, default=None, help="folder relative paths start from (default: the datalist's)"
+    )
 
 
 def summary(path: Path) -> list[str]:

@@ -54,7 +54,7 @@ def prepare_synthetic_cxr(
 
     Args:
         data_dir: folder of the set (``dataset.json``, ``images/``, ``masks/``, ``priors/``).
-        n_cases: number of cases in all; the last ``n_val`` form the validation section.
+        n_cases: number of cases in all; ``n_val`` of them, spread evenly, form the validation section.
         n_val: labeled validation cases (attention-segmentation AP is measured on them).
         size: image size in pixels.
         seed: generator seed (case i depends only on (seed, i)).
@@ -76,7 +76,7 @@ def prepare_synthetic_cxr(
     set_dir = data_dir / tag
     base = set_dir / "dataset.json"
     if not base.exists():
-        write_cxr_dataset(set_dir, n=n_cases, size=size, seed=seed, fmt="png", n_val=n_val, workers=workers)
+        write_cxr_dataset(set_dir, n=n_cases, size=size, seed=seed, fmt="png", val_fraction=n_val / n_cases, workers=workers)
     meta = json.loads(base.read_text())
     known = list(meta["structures"])
     missing = [s for s in structures if s not in known]

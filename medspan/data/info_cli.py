@@ -10,8 +10,8 @@ Example::
     reader:      pydicom-series (16 slices, 0 other files ignored)
     shape:       (512, 512, 16)  (MONAI order x, y, z)
     dtype:       float32 (stored as int16)
-    spacing:     0.7031 x 0.7031 x 2.5 mm
-    range:       -2048 .. 3071 (mean -637.4)
+    spacing:     0.7031 x 0.7031 x 2.5 mm (PixelSpacing)
+    range:       -2048 .. 3071 (mean -860.928)
     dicom:       CT, MONOCHROME2
 """
 

@@ -559,7 +559,10 @@ class CenterViewd(MapTransform):
             d["view"] = resize(image, self.size)
         if self.label_key is not None and self.label_key in d:
             raw = d[self.label_key]
-            lab = raw.as_tensor() if isinstance(raw, MetaTensor) else torch.as_tensor(np.asarray(raw) if not isinstance(raw, torch.Tensor) else raw)
+            if isinstance(raw, MetaTensor):
+                lab = raw.as_tensor()
+            else:
+                lab = raw if isinstance(raw, torch.Tensor) else torch.as_tensor(np.asarray(raw))
             if lab.ndim == 3:
                 if lab.shape[1:] != image.shape[1:]:
                     raise DataError(
@@ -570,7 +573,9 @@ class CenterViewd(MapTransform):
                 if self.label_mode == "threshold":
                     d["view_label"] = resize(lab.to(torch.float32), self.size) > 0.5
                 else:
-                    out = F.interpolate(lab.unsqueeze(0).to(torch.float32), size=(self.size, self.size), mode="nearest-exact")
+                    out = F.interpolate(
+                        lab.unsqueeze(0).to(torch.float32), size=(self.size, self.size), mode="nearest-exact"
+                    )
                     d["view_label"] = out[0].to(lab.dtype)
         if self.drop_source:
             for key in keys:

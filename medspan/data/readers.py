@@ -84,6 +84,9 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
     return (rgb.astype(np.float64) @ _LUMA).astype(np.float32)
 
 
+_gray = rgb_to_gray  # the readers' ``rgb_to_gray`` argument shadows the function's name
+
+
 def window_to_unit(
     values: np.ndarray, center: float, width: float, function: str = "LINEAR"
 ) -> np.ndarray:
@@ -167,8 +170,40 @@ def _has_dicm_preamble(path: PathLike) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _ensure_transfer_syntax(ds):
+    """Give a dataset read without (0002,0010) the transfer syntax its encoding was read with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return ds
+    implicit, little = ds.original_encoding
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little in (True, None) else ExplicitVRBigEndian
+    return ds
+
+
+def _read_without_preamble(path: Path):
+    """A legacy DICOM file without the 128-byte preamble + "DICM", or None if it is not one."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception:  # random bytes make the forced parser fail in many ways
+        return None
+    return _ensure_transfer_syntax(ds) if all(k in ds for k in ("PixelData", "Rows", "Columns")) else None
+
+
 def _dcmread(path: PathLike):
-    """``pydicom.dcmread`` that turns every failure into a :class:`DataError` naming ``path``."""
+    """``pydicom.dcmread`` that turns every failure into a :class:`DataError` naming ``path``.
+
+    Files without the "DICM" prefix are accepted only when a forced read finds an image in them.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -178,9 +213,12 @@ def _dcmread(path: PathLike):
     if p.is_dir():
         raise DataError(path, "is a folder, not a DICOM file (use read_dicom_series for a series)")
     try:
-        return pydicom.dcmread(p)
+        return _ensure_transfer_syntax(pydicom.dcmread(p))
     except InvalidDicomError as e:
-        raise DataError(path, f"not a DICOM file ({e})") from e
+        ds = _read_without_preamble(p)
+        if ds is None:
+            raise DataError(path, f"not a DICOM file ({e})") from e
+        return ds
     except Exception as e:  # truncated/corrupt headers raise EOFError, struct.error, ValueError...
         raise DataError(path, f"truncated or corrupt DICOM file ({type(e).__name__}: {e})") from e
 
@@ -189,16 +227,31 @@ def _check_image(ds, path: PathLike) -> None:
     if "PixelData" not in ds:
         kind = ("FloatPixelData", "DoubleFloatPixelData")
         extra = " (float pixel data is not supported)" if any(k in ds for k in kind) else ""
-        raise DataError(path, f"DICOM file has no pixel data{extra}")
+        raise DataError(path, f"DICOM file has no pixel data{extra or ' (truncated file, or not an image)'}")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise DataError(path, f"multi-frame DICOM ({frames} frames) is not supported; expected one 2D image")
+
+
+def _check_native_length(ds, path: PathLike, tsyntax: Any) -> None:
+    """Name a truncated file as such: native pixel data shorter than Rows x Columns x ... bytes."""
+    if tsyntax is None or tsyntax.is_encapsulated or _str(ds.get("PhotometricInterpretation")) == "YBR_FULL_422":
+        return
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits < 8 or bits % 8:
+        return
+    expected = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("SamplesPerPixel", 1) or 1)
+    expected *= int(ds.get("NumberOfFrames", 1) or 1) * bits // 8
+    found = len(ds.PixelData)
+    if found < expected:
+        raise DataError(path, f"truncated DICOM file: {found} bytes of pixel data, expected {expected}")
 
 
 def _decode(ds, path: PathLike) -> np.ndarray:
     """Decoded stored values ``(rows, cols)`` or ``(rows, cols, 3)`` (colour as RGB)."""
     _check_image(ds, path)
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    _check_native_length(ds, path, tsyntax)
     try:
         raw = ds.pixel_array
     except Exception as e:  # decoder plugins raise RuntimeError, ValueError, NotImplementedError...
@@ -225,7 +278,7 @@ def _modality_range(ds) -> tuple[float, float]:
     return (lo, hi) if lo <= hi else (hi, lo)
 
 
-def _apply_voi(values: np.ndarray, ds, window: Sequence[float] | None, raw: np.ndarray) -> tuple[np.ndarray, str]:
+def _apply_voi(values: np.ndarray, ds, window: Sequence[float] | None) -> tuple[np.ndarray, str]:
     """Map modality values to ``[0, 1]`` with the given window, else the file's VOI LUT/window.
 
     Returns the mapped values and which VOI was used: "window", "file-lut", "file-window" or
@@ -239,7 +292,7 @@ def _apply_voi(values: np.ndarray, ds, window: Sequence[float] | None, raw: np.n
 
         item = ds.VOILUTSequence[0]
         depth = int(item.LUTDescriptor[2])
-        lut_in = np.rint(values).astype(np.int64) if raw.dtype.kind in "iu" else values
+        lut_in = np.rint(values).astype(np.int64)
         return apply_voi(lut_in, ds).astype(np.float64) / float(2**depth - 1), "file-lut"
     if "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = ds.WindowCenter, ds.WindowWidth
@@ -281,13 +334,13 @@ def _dicom_values(
             raise DataError(path, f"cannot apply the modality LUT / rescale: {e}") from e
         colour = False
     if colour and rgb_to_gray_:
-        values = rgb_to_gray(values).astype(np.float64)
+        values = _gray(values).astype(np.float64)
         meta["rgb_to_gray"] = True
 
     voi = "none"
     if window is not None or apply_voi_lut:
         try:
-            values, voi = _apply_voi(values, ds, window, raw)
+            values, voi = _apply_voi(values, ds, window)
         except (ValueError, NotImplementedError) as e:
             raise DataError(path, f"cannot apply the VOI LUT / window: {e}") from e
         if photometric == "MONOCHROME1":
@@ -387,25 +440,33 @@ def _load_series_headers(where: str, files: list[Path]) -> tuple[list[tuple[Path
     from pydicom.errors import InvalidDicomError
 
     datasets, ignored = [], 0
+    no_pixels: list[tuple[Path, str]] = []
     for f in files:
         if not f.exists():
             raise DataError(f, "file does not exist")
         try:
-            ds = pydicom.dcmread(f)
+            ds = _ensure_transfer_syntax(pydicom.dcmread(f))
         except InvalidDicomError:
-            ignored += 1
-            continue
+            ds = _read_without_preamble(f)
+            if ds is None:
+                ignored += 1
+                continue
         except Exception as e:
             if _has_dicm_preamble(f):
                 raise DataError(f, f"truncated or corrupt DICOM file in series ({type(e).__name__}: {e})") from e
             ignored += 1
             continue
-        if "PixelData" not in ds:  # DICOMDIR, SR, RTSTRUCT...
+        if "PixelData" not in ds:  # DICOMDIR, SR, RTSTRUCT... or a truncated slice (checked below)
             ignored += 1
+            no_pixels.append((f, _str(ds.get("SeriesInstanceUID", ""))))
             continue
         datasets.append((f, ds))
     if not datasets:
         raise DataError(where, f"no DICOM image files found ({ignored} other files ignored)")
+    uids = {_str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
+    for f, uid in no_pixels:
+        if uid and uid in uids:
+            raise DataError(f, "DICOM file of this series has no pixel data (truncated file?)")
     return datasets, ignored
 
 
@@ -453,12 +514,13 @@ def read_dicom_series(folder_or_files: PathLike | Sequence[PathLike]) -> tuple[n
     sizes = [(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) for _, ds in datasets]
     _require_same(where, "rows x columns", [f"{r}x{c}" for r, c in sizes])
     for f, ds in datasets:
-        for key in ("ImageOrientationPatient", "ImagePositionPatient"):
-            if ds.get(key) is None:
+        for key, size in (("ImageOrientationPatient", 6), ("ImagePositionPatient", 3)):
+            value = ds.get(key)
+            if value is None:
                 raise DataError(where, f"{f.name} has no {key}; cannot order the slices")
+            if len(value) != size or not np.isfinite([float(v) for v in value]).all():
+                raise DataError(where, f"{f.name}: {key} must hold {size} finite numbers, got {list(value)}")
     iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in datasets])
-    if iops.shape[1] != 6 or not np.isfinite(iops).all():
-        raise DataError(where, "ImageOrientationPatient must hold 6 finite numbers")
     bad = np.abs(iops - iops[0]).max(axis=1) > 1e-4
     if bad.any():
         other = datasets[int(np.argmax(bad))][0].name
@@ -565,11 +627,11 @@ def read_pil(path: PathLike, *, rgb_to_gray: bool = True) -> tuple[np.ndarray, d
     meta["rgb_to_gray"] = False
     if data.ndim == 3 and rgb_to_gray:
         if img.mode in ("RGB", "RGBA", "RGBX"):
-            data = rgb_to_gray(data[..., :3])
+            data = _gray(data[..., :3])
         elif img.mode in ("LA", "La", "PA"):
             data = np.array(data[..., 0])
         else:
-            data = rgb_to_gray(np.asarray(img.convert("RGB")))
+            data = _gray(np.asarray(img.convert("RGB")))
         meta["rgb_to_gray"] = True
     array = np.ascontiguousarray(np.swapaxes(data, 0, 1))
     meta.update({"spacing": np.ones(2), "spacing_source": "default", "reader": "PIL"})

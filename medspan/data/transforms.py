@@ -131,11 +131,13 @@ def check_channel_first(
         raise DataError(where, f"{transform} expects a numeric array {expected}, got dtype {x.dtype}")
     shape = tuple(int(s) for s in x.shape)
     if len(shape) - 1 not in dims:
-        hint = " (add EnsureChannelFirstd after LoadImaged)" if len(shape) in dims else ""
+        no_channel = len(shape) in dims and shape[0] != 1
+        hint = " (add EnsureChannelFirstd after LoadImaged)" if no_channel else ""
         raise DataError(where, f"{transform} expects a channel-first array {expected}, got shape {shape}{hint}")
     if num_channels is not None and shape[0] != num_channels:
         raise DataError(
-            where, f"{transform} expects {num_channels} channel(s), shape {expected}, got shape {shape} ({shape[0]} channels)"
+            where,
+            f"{transform} expects {num_channels} channel(s), shape {expected}, got shape {shape} ({shape[0]} channels)",
         )
     if min(shape) == 0:
         raise DataError(where, f"{transform} got an empty array of shape {shape}")
@@ -156,7 +158,7 @@ def _as_float_tensor(x: ArrayLike) -> torch.Tensor:
 
 def _back(out: torch.Tensor, like: ArrayLike) -> ArrayLike:
     """Return ``out`` as numpy when the input was numpy (MetaTensor / tensor stay tensors)."""
-    if isinstance(like, np.ndarray):
+    if isinstance(like, np.ndarray) and not isinstance(out, np.ndarray):
         return (out.as_tensor() if isinstance(out, MetaTensor) else out).detach().cpu().numpy()
     return out
 
@@ -373,7 +375,8 @@ def _with_affine(x: ArrayLike, affine: torch.Tensor) -> MetaTensor:
         if x.affine.shape == affine.shape and torch.allclose(x.affine.to(affine), affine):
             return x
         meta = {k: v for k, v in x.meta.items() if k != "affine"}
-        return MetaTensor(x.as_tensor(), affine=affine.clone(), meta=meta, applied_operations=list(x.applied_operations))
+        ops = list(x.applied_operations)
+        return MetaTensor(x.as_tensor(), affine=affine.clone(), meta=meta, applied_operations=ops)
     return MetaTensor(torch.as_tensor(x), affine=affine.clone())
 
 
@@ -409,6 +412,9 @@ class _Standardize(Transform):
         self.pad_value = float(pad_value)
         self.anti_aliasing = anti_aliasing
 
+    def _resize(self, x: torch.Tensor, shape: tuple[int, ...], new: tuple[int, ...], mode: str) -> torch.Tensor:
+        return _resize_impl(x, shape, new, mode, self.anti_aliasing)
+
     def __call__(self, img: ArrayLike, mode: str | None = None, pad_value: float | None = None) -> ArrayLike:
         """Standardise ``img`` (``mode`` / ``pad_value`` override the constructor's)."""
         return self._call(img, source_name(img), mode, pad_value)
@@ -438,18 +444,30 @@ class _Standardize(Transform):
             elif self.keep_aspect:
                 scale = min(t / s for t, s in zip(target, shape))
                 new = tuple(max(1, int(round(s * scale))) for s in shape)
-                if new != shape:
-                    x = Resize(new, mode=resize_mode, anti_aliasing=self.anti_aliasing and not nearest)(x)
+                x = self._resize(x, shape, new, resize_mode)
                 if new != target:
                     x = SpatialPad(target, method="symmetric", mode="constant", value=value)(x)
-            elif target != shape:
-                x = Resize(target, mode=resize_mode, anti_aliasing=self.anti_aliasing and not nearest)(x)
+            else:
+                x = self._resize(x, shape, target, resize_mode)
 
         if nearest and not _is_float_dtype(in_dtype):
             x = x.round().to(_torch_dtype(in_dtype))
         elif x.dtype != torch.float32:
             x = x.to(torch.float32)
         return _back(x, img)
+
+
+def _resize_impl(
+    x: torch.Tensor, shape: tuple[int, ...], new: tuple[int, ...], mode: str, anti_aliasing: bool
+) -> torch.Tensor:
+    """Resize to ``new``; a linear-mode shrink in every axis uses area averaging when anti-aliasing
+    (no blur at the borders, unlike a zero-padded Gaussian), a mixed shrink/grow stays linear."""
+    if new == shape:
+        return x
+    shrink = all(n <= s for n, s in zip(new, shape))
+    if anti_aliasing and shrink and mode in ("bilinear", "trilinear"):
+        mode = "area"
+    return Resize(new, mode=mode)(x)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -477,7 +495,9 @@ class Standardize2D(_Standardize):
        pad/crop to ``spatial_size``; ``None``: no size step.
 
     ``mode``: ``"bilinear"`` (images, priors), ``"nearest"`` (labels: values kept exactly, integer
-    and bool dtypes kept) or ``"area"``. Output: float32 (or the label's dtype), a MetaTensor
+    and bool dtypes kept) or ``"area"``. ``anti_aliasing``: a linear-mode resize that shrinks
+    every axis averages areas instead (no aliasing, no darkened border); a Spacing
+    resample does not smooth. Output: float32 (or the label's dtype), a MetaTensor
     with the updated affine when the input was a tensor, numpy when the input was numpy.
     Note: a PNG has no spacing (its affine says 1 mm); leave ``spacing=None`` for PNG data.
 

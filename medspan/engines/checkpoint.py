@@ -10,7 +10,7 @@ stopped.
 Example::
 
     EpochCheckpoint("runs/span_cxr/checkpoints",
-                    {"student": s, "teacher": t, "optimizer": opt, "dino_loss": loss, "trainer": trainer}
+                    {"student": s, "teacher": t, "optimizer": opt, "dino_loss": loss}
                     ).attach(trainer)
 """
 
@@ -68,6 +68,8 @@ class EpochCheckpoint:
         n_saved: how many recent checkpoints to keep.
         interval: save every this many epochs (the last epoch is always saved).
         resume: restore the newest checkpoint at ``Events.STARTED`` if one exists.
+        save_engine: also save/restore the engine it is attached to (epoch, iteration) as ``"trainer"``;
+            this avoids a circular reference between a trainer and its handlers in bundle configs.
     """
 
     def __init__(
@@ -77,15 +79,19 @@ class EpochCheckpoint:
         n_saved: int = 2,
         interval: int = 1,
         resume: bool = True,
+        save_engine: bool = True,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
         self.n_saved = max(1, int(n_saved))
         self.interval = max(1, int(interval))
         self.resume = bool(resume)
+        self.save_engine = bool(save_engine)
         self.resumed_from: Path | None = None
 
     def attach(self, engine: Engine) -> None:
+        if self.save_engine:
+            self.save_dict.setdefault("trainer", engine)
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 

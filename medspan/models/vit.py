@@ -354,9 +354,8 @@ class VisionTransformer(nn.Module):
         heads: list[int] | None = None
         if return_attention:
             heads = list(range(self.num_heads)) if attn_heads is None else [int(h) for h in attn_heads]
-            bad = [h for h in heads if not 0 <= h < self.num_heads]
-            if bad or not heads:
-                raise ValueError(f"attn_heads {list(attn_heads or [])} must be in [0, {self.num_heads})")
+            if not heads or any(not 0 <= h < self.num_heads for h in heads):
+                raise ValueError(f"attn_heads {heads} must be a non-empty list of ints in [0, {self.num_heads})")
         tokens, grid = self.prepare_tokens(x)
         last = len(self.blocks) - 1
         logits = None

@@ -23,9 +23,14 @@ NaN or pulling toward a uniform map. If no term is left, the loss is 0 (still co
 graph). Priors must be non-negative (not checked, to avoid a host sync).
 
 Example:
-    >>> loss_fn = SpanPriorLoss({0: 0, 1: 1, 2: 2})      # heads 0..2 -> structures, 3..5 free
-    >>> out = vit.forward_features(images, return_attention=True)        # (B, 6, N) attention
-    >>> loss = loss_fn(out.cls_attn, priors, out.grid)   # priors (B, 3, H_img, W_img)
+    >>> from medspan.models.vit import build_vit
+    >>> vit = build_vit("vit_toy")                       # 6 heads, patch 8
+    >>> images, priors = torch.randn(2, 1, 64, 64), torch.rand(2, 3, 64, 64)   # priors (B, S, X, Y)
+    >>> loss_fn = SpanPriorLoss({0: 0, 1: 1, 2: 2})      # heads 0..2 -> structures 0..2, 3..5 free
+    >>> out = vit.forward_features(images, return_attention=True)   # cls_attn (2, 6, 64)
+    >>> loss = loss_fn(out.cls_attn, priors, out.grid)   # scalar
+    >>> loss_fn.per_head(out.cls_attn, priors, out.grid).shape
+    torch.Size([2, 3])
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ are skipped, as in DINO). After the loss the centre is updated from the teacher 
 Example:
     >>> loss_fn = DINOLoss(out_dim=8, ncrops=4, nepochs=10)
     >>> s, t = torch.randn(4 * 2, 8), torch.randn(2 * 2, 8)
-    >>> loss = loss_fn(s, t, epoch=0)            # scalar; centre updated in place
+    >>> loss = loss_fn(s, t, epoch=0)  # scalar; the centre is updated in place
 """
 
 from __future__ import annotations

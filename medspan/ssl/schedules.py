@@ -3,7 +3,7 @@
 Example:
     >>> lr = cosine_schedule(5e-4, 1e-6, epochs=100, niter_per_ep=50, warmup_epochs=10)
     >>> momentum = cosine_schedule(0.996, 1.0, epochs=100, niter_per_ep=50)
-    >>> lr.shape, momentum[0]
+    >>> lr.shape, float(momentum[0])
     ((5000,), 0.996)
 """
 

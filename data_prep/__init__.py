@@ -1,0 +1,1 @@
+"""Converters that turn public datasets into medspan/MONAI datalists (one module per dataset)."""

@@ -1,0 +1,632 @@
+"""Hannover (MHH) COVID-19 chest X-rays with V7 lung masks -> a ``span_cxr`` datalist.
+
+Input: the folder ``mhh_covid_cxr_v7_lungs`` (see its README): ``manifest.csv`` with the
+columns ``image`` and ``mask`` (paths relative to the folder) and ``mhh_image_id``; 8-bit
+greyscale JPEGs (2000 x 2000) and uint8 lung masks of the same size (255 lung, 0 background,
+127 "ignore" = a device lying over the lung).
+
+Output (``out_dir``)::
+
+    images/<id>.png                 uint8 greyscale, size x size (PIL Lanczos downsampling)
+    masks/<id>_left_lung.png        uint8 {0, 255}, size x size, picture (rows, cols) order
+    masks/<id>_right_lung.png
+    priors/exemplar_<id>.npy        float16 (2, size, size): the exemplar's softened masks,
+                                    channels (left_lung, right_lung), MONAI (x, y) order
+    conversion.json                 the settings the files were made with (size, ignore rule, sigma)
+    span_datalist.json              structures ["left_lung", "right_lung"]; training = all cases
+                                    (each with the exemplar prior); validation = the other cases
+                                    with labels [left_lung mask, right_lung mask]; an "exemplar"
+                                    record whose paths are relative to the datalist folder
+
+Rules:
+
+- Lung mask: pixels equal to 255 (and 127 when ``ignore_as_lung``) are lung. The mask is resized
+  by exact area averaging (each output pixel's lung fraction, computed in integers) and an output
+  pixel is lung when that fraction is >= 0.5 (ties count as lung). See :func:`resize_mask`.
+- Left/right: the radiographs are frontal views shown in the usual orientation, so the patient's
+  RIGHT lung lies on the image's LEFT half. ``right_lung`` = the lung on the image left,
+  ``left_lung`` = the lung on the image right. The resized lung mask is split into 4-connected
+  components and each goes to the side of its centroid column (< image centre column
+  ``(size - 1) / 2``: image left, otherwise image right). When the lungs touch (after resizing
+  they can merge into one component) no "big" component (>= 10% of the lung area) is left on
+  one side; the largest component is then cut at the midline column between the two lungs: the
+  column with the fewest lung pixels in the middle half of the component's column range (ties:
+  the column nearest the middle of that range); its columns left of the cut are ``right_lung``,
+  the others ``left_lung``. A component without such a waist (its narrowest middle column holds
+  at least half of the smaller side's widest column) is taken as one lung and not cut.
+  ``left_lung | right_lung`` is exactly the resized lung mask; the two never overlap.
+- Writes are atomic (temporary file + rename) and a re-run skips every file already there, so
+  an interrupted conversion resumes. ``conversion.json`` records size and ignore rule: re-using
+  an output folder with other values raises :class:`~medspan.errors.DataError`. A prior whose
+  recorded ``mask_sigma`` differs is recomputed; the datalist is rewritten only if its content
+  changes.
+
+Example::
+
+    from data_prep.mhh_covid_lungs import convert
+    datalist = convert("../shared/data/real/mhh_covid_cxr_v7_lungs", "data/mhh_lungs", size=256)
+
+    # command line, from the repository root:
+    python -m data_prep.mhh_covid_lungs --out data/mhh_lungs --size 256 --exemplar 0
+
+Then pretrain (the command printed by the CLI)::
+
+    python -m monai.bundle run --config_file bundles/span_cxr/train.json \\
+        --datalist data/mhh_lungs/span_datalist.json --run_name span_cxr_mhh \\
+        --hparams::structures "['left_lung','right_lung']" \\
+        --hparams::head_structures "{'0':'left_lung','1':'right_lung'}"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from medspan.errors import DataError
+
+__all__ = [
+    "STRUCTURES",
+    "Case",
+    "default_root",
+    "read_manifest",
+    "load_lung_mask",
+    "resize_mask",
+    "split_lungs",
+    "convert_case",
+    "convert",
+    "bundle_command",
+    "add_arguments",
+    "run",
+    "main",
+]
+
+#: structures in channel / label order (the synthetic default's first two, same names)
+STRUCTURES: tuple[str, ...] = ("left_lung", "right_lung")
+DATASET_DIR = "mhh_covid_cxr_v7_lungs"
+DATALIST_NAME = "span_datalist.json"
+SETTINGS_NAME = "conversion.json"
+MASK_LUNG, MASK_IGNORE = 255, 127
+#: a component is "big" when it holds at least this fraction of the lung area
+BIG_COMPONENT_FRACTION = 0.1
+
+
+def default_root() -> Path:
+    """``<repo>/../shared/data/real/mhh_covid_cxr_v7_lungs`` (where CI clones the shared data)."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / DATASET_DIR
+
+
+# --------------------------------------------------------------------------------------------
+# manifest
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One manifest row: ``case_id`` (MHH image id), absolute ``image`` and ``mask`` paths, ``row``
+    (1-based data row number in manifest.csv, header not counted)."""
+
+    case_id: str
+    image: Path
+    mask: Path
+    row: int
+
+
+def read_manifest(root: str | os.PathLike) -> list[Case]:
+    """Read ``<root>/manifest.csv`` (csv module) and check that every listed file exists.
+
+    The case id is the ``mhh_image_id`` column, or the image file's stem when that column is
+    absent or empty.
+
+    Raises:
+        DataError: no manifest, missing ``image``/``mask`` columns, an empty or unsafe id, a
+            duplicated id, or a listed file that does not exist (the message names the file
+            and the manifest row).
+
+    Example::
+
+        cases = read_manifest("../shared/data/real/mhh_covid_cxr_v7_lungs")
+        cases[0].case_id, cases[0].image.name     # ('a8ac1969', 'a8ac1969.jpg')
+    """
+    root = Path(root)
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        raise DataError(manifest, "manifest not found (is --root the mhh_covid_cxr_v7_lungs folder?)")
+    try:
+        with open(manifest, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(manifest, f"cannot read the manifest ({e})") from e
+    missing_cols = [c for c in ("image", "mask") if c not in fields]
+    if missing_cols:
+        raise DataError(manifest, f"missing column(s) {missing_cols} (columns present: {fields})")
+    cases: list[Case] = []
+    seen: dict[str, int] = {}
+    for i, r in enumerate(rows, start=1):
+        where = f"{manifest} row {i}"
+        image_rel, mask_rel = (r.get("image") or "").strip(), (r.get("mask") or "").strip()
+        if not image_rel or not mask_rel:
+            raise DataError(where, "empty 'image' or 'mask' value")
+        case_id = (r.get("mhh_image_id") or "").strip() or Path(image_rel).stem
+        if not case_id or "/" in case_id or "\\" in case_id or case_id.startswith("."):
+            raise DataError(where, f"unusable case id {case_id!r}")
+        if case_id in seen:
+            raise DataError(where, f"case id {case_id!r} repeats row {seen[case_id]}")
+        seen[case_id] = i
+        image, mask = root / image_rel, root / mask_rel
+        for kind, p in (("image", image), ("mask", mask)):
+            if not p.is_file():
+                raise DataError(p, f"{kind} file listed in {manifest.name} row {i} (case {case_id}) does not exist")
+        cases.append(Case(case_id, image.resolve(), mask.resolve(), i))
+    if not cases:
+        raise DataError(manifest, "the manifest lists no cases")
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# reading and resizing
+# --------------------------------------------------------------------------------------------
+
+
+def _load_gray(path: Path) -> Image.Image:
+    """Decode an image as an 8-bit greyscale PIL image ("L"); any decode problem is a DataError."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                raise DataError(path, f"expected an 8-bit greyscale image, got PIL mode {im.mode}")
+            return im.copy() if im.mode == "L" else im.convert("L")
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for corrupt files
+        raise DataError(path, f"cannot read image ({type(e).__name__}: {e})") from e
+
+
+def load_lung_mask(path: str | os.PathLike, ignore_as_lung: bool = True) -> np.ndarray:
+    """Read a V7 lung mask as bool (H, W) in picture (rows, cols) order.
+
+    255 is lung; 127 ("ignore") is lung when ``ignore_as_lung`` else background; 0 background.
+
+    Raises:
+        DataError: unreadable file, not a single-channel image, or values other than 0/127/255.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for corrupt files
+        raise DataError(path, f"cannot read mask ({type(e).__name__}: {e})") from e
+    if arr.ndim != 2 or arr.dtype != np.uint8:
+        raise DataError(path, f"expected a single-channel uint8 mask, got shape {arr.shape} dtype {arr.dtype}")
+    counts = np.bincount(arr.ravel(), minlength=256)
+    bad = [int(v) for v in np.flatnonzero(counts) if v not in (0, MASK_IGNORE, MASK_LUNG)]
+    if bad:
+        raise DataError(path, f"unexpected mask values {bad[:10]} (expected 0, 127, 255)")
+    lung = arr == MASK_LUNG
+    if ignore_as_lung:
+        lung |= arr == MASK_IGNORE
+    return lung
+
+
+def _area_weights(n_in: int, n_out: int):
+    """Sparse (n_out, n_in) int64 overlap lengths of source pixels with output pixels.
+
+    In units of ``1 / n_out`` source pixels: source pixel j spans ``[j*n_out, (j+1)*n_out)``,
+    output pixel i spans ``[i*n_in, (i+1)*n_in)``; every row sums to ``n_in``.
+    """
+    from scipy import sparse
+
+    i = np.arange(n_out)[:, None]
+    j = np.arange(n_in)[None, :]
+    overlap = np.minimum((i + 1) * n_in, (j + 1) * n_out) - np.maximum(i * n_in, j * n_out)
+    return sparse.csr_matrix(np.clip(overlap, 0, None).astype(np.int64))
+
+
+def resize_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Resize a bool (H, W) mask by exact area averaging, then keep pixels with fraction >= 0.5.
+
+    The lung fraction of each output pixel is computed in integer arithmetic (no rounding), so
+    the result is exactly reproducible. Works for any H, W and output size (down or up).
+
+    Args:
+        mask: bool (H, W).
+        size: output (rows, cols), or one int for a square output.
+
+    Returns:
+        bool (rows, cols).
+
+    Example::
+
+        m = np.zeros((4, 4), bool); m[0, 0] = m[0, 1] = True   # top-left 2x2 block is half lung
+        resize_mask(m, 2)            # [[True, False], [False, False]]
+    """
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2D (H, W), got shape {m.shape}")
+    rows, cols = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    h, w = m.shape
+    wr, wc = _area_weights(h, rows), _area_weights(w, cols)
+    tmp = wr @ m.astype(np.int64)  # (rows, W)
+    counts = np.asarray((wc @ np.asarray(tmp).T).T)  # (rows, cols), in units of 1/(rows*cols) px
+    return 2 * counts >= h * w
+
+
+# --------------------------------------------------------------------------------------------
+# left / right split
+# --------------------------------------------------------------------------------------------
+
+
+def _cut_column(component: np.ndarray) -> int | None:
+    """The midline column of a component holding both lungs, or None when it has no waist."""
+    profile = component.sum(axis=0)
+    cols = np.flatnonzero(profile)
+    c0, c1 = int(cols[0]), int(cols[-1])
+    width = c1 - c0 + 1
+    lo, hi = c0 + width // 4, c1 - width // 4
+    if hi <= lo:
+        return None
+    window = np.arange(lo, hi + 1)
+    middle = (c0 + c1) / 2.0
+    least = profile[window].min()
+    candidates = window[profile[window] == least]
+    cut = int(candidates[np.argmin(np.abs(candidates - middle))])
+    left_peak, right_peak = profile[c0:cut].max(initial=0), profile[cut + 1 : c1 + 1].max(initial=0)
+    if 2 * least >= min(left_peak, right_peak):
+        return None
+    return cut
+
+
+def split_lungs(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split a bool (H, W) lung mask (picture order) into ``(left_lung, right_lung)``.
+
+    ``right_lung`` (the patient's right) is on the image LEFT; see the module docstring for the
+    component and touching-lung rules. The two outputs are disjoint and their union is ``lung``.
+
+    Example::
+
+        lung = np.zeros((8, 8), bool); lung[2:6, 1:3] = True; lung[2:6, 5:7] = True
+        left, right = split_lungs(lung)
+        right[:, :4].sum(), left[:, 4:].sum()     # (8, 8)
+    """
+    from scipy import ndimage
+
+    lung = np.asarray(lung, dtype=bool)
+    h, w = lung.shape
+    image_left = np.zeros_like(lung)
+    image_right = np.zeros_like(lung)
+    labels, n = ndimage.label(lung)
+    if n == 0:
+        return image_right, image_left
+    flat = labels.ravel()
+    areas = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    col_sum = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1)[1:]
+    on_left = col_sum / areas < (w - 1) / 2.0
+    big = areas >= BIG_COMPONENT_FRACTION * areas.sum()
+
+    merged = -1
+    if not (np.any(big & on_left) and np.any(big & ~on_left)):
+        largest = int(np.argmax(areas))
+        cut = _cut_column(labels == largest + 1)
+        if cut is not None:
+            merged = largest
+            component = labels == largest + 1
+            column = np.arange(w)[None, :]
+            image_left |= component & (column < cut)
+            image_right |= component & (column >= cut)
+    for k in range(n):
+        if k == merged:
+            continue
+        target = image_left if on_left[k] else image_right
+        target |= labels == k + 1
+    # image right = patient's left lung; image left = patient's right lung
+    return image_right, image_left
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_png(array_or_image: np.ndarray | Image.Image, path: Path) -> None:
+    """Save an 8-bit PNG through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        im.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _case_paths(out_dir: Path, case_id: str) -> dict[str, Path]:
+    paths = {"image": out_dir / "images" / f"{case_id}.png"}
+    for s in STRUCTURES:
+        paths[s] = out_dir / "masks" / f"{case_id}_{s}.png"
+    return paths
+
+
+def convert_case(
+    case: Case, out_dir: str | os.PathLike, size: int = 256, ignore_as_lung: bool = True
+) -> dict[str, Path]:
+    """Write one case's resized image and left/right lung masks (skipping files already there).
+
+    Returns:
+        ``{"image": png, "left_lung": png, "right_lung": png}`` (absolute paths).
+
+    Raises:
+        DataError: unreadable image or mask, or image and mask of different sizes.
+    """
+    out = _case_paths(Path(out_dir).resolve(), case.case_id)
+    need_image = not out["image"].exists()
+    need_masks = not all(out[s].exists() for s in STRUCTURES)
+    if not (need_image or need_masks):
+        return out
+    if need_image:
+        im = _load_gray(case.image)
+        image_size = im.size
+        _atomic_png(im.resize((size, size), Image.Resampling.LANCZOS), out["image"])
+    else:
+        try:
+            with Image.open(case.image) as header:
+                image_size = header.size
+        except Exception as e:  # noqa: BLE001
+            raise DataError(case.image, f"cannot read image ({type(e).__name__}: {e})") from e
+    if need_masks:
+        lung = load_lung_mask(case.mask, ignore_as_lung)
+        if (lung.shape[1], lung.shape[0]) != tuple(image_size):
+            raise DataError(
+                case.mask, f"mask is {lung.shape[1]}x{lung.shape[0]} but its image {case.image} is "
+                f"{image_size[0]}x{image_size[1]} (width x height)"
+            )
+        left, right = split_lungs(resize_mask(lung, size))
+        for name, m in (("left_lung", left), ("right_lung", right)):
+            _atomic_png(m.astype(np.uint8) * 255, out[name])
+    return out
+
+
+def _convert_case_safe(case: Case, out_dir: str, size: int, ignore_as_lung: bool) -> tuple[str, Any]:
+    """Worker wrapper: DataError does not pickle with its two arguments, so send it as a tuple."""
+    try:
+        return "ok", convert_case(case, out_dir, size, ignore_as_lung)
+    except DataError as e:
+        return "error", (e.where, e.problem)
+
+
+def _resolve_exemplar(cases: Sequence[Case], exemplar: str | int, manifest: Path) -> Case:
+    ids = [c.case_id for c in cases]
+    if isinstance(exemplar, str):
+        if exemplar in ids:
+            return cases[ids.index(exemplar)]
+        if not exemplar.strip().lstrip("-").isdigit():
+            raise DataError(manifest, f"exemplar {exemplar!r} is not a case id of the manifest (e.g. {ids[0]!r})")
+        exemplar = int(exemplar)
+    if isinstance(exemplar, bool) or not isinstance(exemplar, (int, np.integer)):
+        raise DataError(manifest, f"exemplar must be a case id or an index, got {exemplar!r}")
+    if not 0 <= int(exemplar) < len(cases):
+        raise DataError(manifest, f"exemplar index {exemplar} out of range (0..{len(cases) - 1})")
+    return cases[int(exemplar)]
+
+
+def _check_settings(out_dir: Path, size: int, ignore_as_lung: bool) -> dict[str, Any]:
+    """Read or create ``conversion.json``; other size / ignore rule than recorded is a DataError."""
+    path = out_dir / SETTINGS_NAME
+    wanted = {"dataset": DATASET_DIR, "size": int(size), "ignore_as_lung": bool(ignore_as_lung)}
+    if path.exists():
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(path, f"cannot read the conversion settings ({e}); delete the folder to start over") from e
+        recorded = {k: settings.get(k) for k in wanted}
+        if recorded != wanted:
+            raise DataError(
+                path, f"this folder was converted with {recorded}, not {wanted}; use another --out or delete it"
+            )
+        return settings
+    settings = dict(wanted, priors={})
+    _atomic_json(settings, path)
+    return settings
+
+
+def _expected_doc(out_dir: Path, training: list[dict], validation: list[dict], meta: dict) -> dict:
+    """The JSON :func:`write_datalist` writes for these entries (paths relative to out_dir)."""
+
+    def rel(p: str) -> str:
+        return Path(os.path.relpath(p, out_dir)).as_posix()
+
+    def relentry(e: dict) -> dict:
+        return {k: ([rel(x) for x in v] if isinstance(v, list) else rel(v)) if k in ("image", "label", "prior") else v
+                for k, v in e.items()}
+
+    return dict(meta, training=[relentry(e) for e in training], validation=[relentry(e) for e in validation])
+
+
+def convert(
+    root: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    size: int = 256,
+    exemplar: str | int = 0,
+    mask_sigma: float = 4.0,
+    ignore_as_lung: bool = True,
+    workers: int = 1,
+) -> Path:
+    """Convert the MHH COVID CXR lung set into a ``span_cxr`` datalist; return its path.
+
+    Args:
+        root: the ``mhh_covid_cxr_v7_lungs`` folder (None: :func:`default_root`).
+        out_dir: output folder (created; re-runs resume and skip finished files).
+        size: output image and mask size (square; the 2000 x 2000 originals are square).
+        exemplar: the expert-labeled case whose softened masks become every image's prior: a
+            case id (``mhh_image_id``), or an index in manifest order (a digit string that is not
+            a case id is read as an index).
+        mask_sigma: Gaussian softening of the exemplar masks, in output pixels.
+        ignore_as_lung: count the 127 ("ignore", devices over the lung) pixels as lung.
+        workers: processes converting cases in parallel.
+
+    Returns:
+        absolute path of ``<out_dir>/span_datalist.json``.
+
+    Raises:
+        DataError: a missing or corrupt manifest, image or mask (the message names the file),
+            a bad exemplar, or an output folder made with another size / ignore rule.
+
+    Example::
+
+        path = convert(None, "data/mhh_lungs", size=256, exemplar="a8ac1969")
+    """
+    from medspan.data.datalist import write_datalist
+    from medspan.data.default_sets import exemplar_masks
+    from medspan.priors.statistics import save_prior, soften_masks
+
+    root = Path(root) if root is not None else default_root()
+    if int(size) < 2:
+        raise ValueError(f"size must be >= 2, got {size}")
+    size = int(size)
+    cases = read_manifest(root)
+    ex = _resolve_exemplar(cases, exemplar, root / "manifest.csv")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = _check_settings(out_dir, size, ignore_as_lung)
+
+    if workers > 1 and len(cases) > 1:
+        with ProcessPoolExecutor(max_workers=int(workers)) as pool:
+            results = list(pool.map(_convert_case_safe, cases, [str(out_dir)] * len(cases),
+                                    [size] * len(cases), [ignore_as_lung] * len(cases)))
+        for status, value in results:
+            if status == "error":
+                raise DataError(*value)
+        outputs = [value for _, value in results]
+    else:
+        outputs = [convert_case(c, out_dir, size, ignore_as_lung) for c in cases]
+    by_id = {c.case_id: o for c, o in zip(cases, outputs)}
+
+    ex_out = by_id[ex.case_id]
+    prior_path = out_dir / "priors" / f"exemplar_{ex.case_id}.npy"
+    recorded = settings.get("priors", {}).get(prior_path.name)
+    if not prior_path.exists() or recorded != {"mask_sigma": float(mask_sigma)}:
+        masks = exemplar_masks([ex_out[s] for s in STRUCTURES])  # (2, x, y) bool
+        save_prior(soften_masks(masks, sigma=mask_sigma), prior_path)
+        settings.setdefault("priors", {})[prior_path.name] = {"mask_sigma": float(mask_sigma)}
+        _atomic_json(settings, out_dir / SETTINGS_NAME)
+
+    training = [
+        {"image": str(by_id[c.case_id]["image"]), "prior": str(prior_path), "case_id": c.case_id} for c in cases
+    ]
+    validation = [
+        {"image": str(by_id[c.case_id]["image"]), "label": [str(by_id[c.case_id][s]) for s in STRUCTURES],
+         "case_id": c.case_id}
+        for c in cases
+        if c.case_id != ex.case_id
+    ]
+    exemplar_record = {
+        "case_id": ex.case_id,
+        "image": f"images/{ex.case_id}.png",
+        "label": [f"masks/{ex.case_id}_{s}.png" for s in STRUCTURES],
+        "prior": f"priors/{prior_path.name}",
+        "mask_sigma": float(mask_sigma),
+    }
+    meta = {
+        "name": f"MHH COVID-19 CXR with V7 lung masks, {size}x{size}, exemplar {ex.case_id}",
+        "description": (
+            f"Converted by data_prep.mhh_covid_lungs from {DATASET_DIR} (CC BY 3.0 MHH images, CC BY 4.0 V7 "
+            f"masks): resized to {size}x{size}; lung = 255{' and 127' if ignore_as_lung else ''}; "
+            "right_lung = image left, left_lung = image right; training = all cases with the exemplar prior, "
+            "validation = the other cases with labels. Exemplar paths are relative to this file."
+        ),
+        "structures": list(STRUCTURES),
+        "exemplar": exemplar_record,
+    }
+    datalist = out_dir / DATALIST_NAME
+    expected = _expected_doc(out_dir, training, validation, meta)
+    try:
+        current = json.loads(datalist.read_text(encoding="utf-8")) if datalist.exists() else None
+    except (OSError, json.JSONDecodeError):
+        current = None
+    if current != expected:
+        write_datalist(datalist, {"training": training, "validation": validation}, **meta)
+    return datalist
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def bundle_command(datalist: str | os.PathLike, run_name: str = "span_cxr_mhh") -> str:
+    """The ``monai.bundle`` command that pretrains ``span_cxr`` on ``datalist`` (two lung heads)."""
+    return (
+        "python -m monai.bundle run --config_file bundles/span_cxr/train.json "
+        f"--datalist {datalist} --run_name {run_name} "
+        "--hparams::structures \"['left_lung','right_lung']\" "
+        "--hparams::head_structures \"{'0':'left_lung','1':'right_lung'}\""
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the converter's command line."""
+    parser.add_argument(
+        "--root", default=None, help=f"the {DATASET_DIR} folder (default: <repo>/../shared/data/real/{DATASET_DIR})"
+    )
+    parser.add_argument("--out", required=True, help="output folder (re-runs skip finished files)")
+    parser.add_argument("--size", type=int, default=256, help="output size in pixels (default 256)")
+    parser.add_argument("--exemplar", default="0", help="exemplar case id or index in manifest order (default 0)")
+    parser.add_argument("--sigma", type=float, default=4.0, help="Gaussian softening of the exemplar masks (default 4)")
+    parser.add_argument(
+        "--ignore-as-background", action="store_true", help="treat 127 (ignore) mask pixels as background, not lung"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert; print the datalist path and the bundle command. Returns the exit code."""
+    try:
+        path = convert(args.root, args.out, size=args.size, exemplar=args.exemplar, mask_sigma=args.sigma,
+                       ignore_as_lung=not args.ignore_as_background, workers=args.workers)
+    except (DataError, ValueError) as exc:
+        print(f"mhh_covid_lungs: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"datalist: {path}")
+    print("pretrain with:")
+    print(f"  {bundle_command(path)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m data_prep.mhh_covid_lungs --out DIR [--root R] [--size 256] [--exemplar 0] [--sigma 4]``."""
+    parser = argparse.ArgumentParser(prog="python -m data_prep.mhh_covid_lungs", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

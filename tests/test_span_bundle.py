@@ -1,0 +1,167 @@
+"""End-to-end runs of bundles/span_cxr at toy size: CLI, MLflow, resume, NaN, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from bundle_utils import REPO, SPAN_BUNDLE, cli_args, make_workflow, toy_overrides
+from ignite.engine import Events
+
+from medspan.errors import DataError, TrainingError
+
+pytestmark = pytest.mark.slow
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out = []
+    while exc is not None:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def test_cli_end_to_end_with_baseline_and_mlflow(tmp_path: Path) -> None:
+    """The documented command (at toy size): checkpoint, weights, summary, baseline table, MLflow run."""
+    work = tmp_path / "runs"
+    ov = toy_overrides(work, compare_baseline=True)
+    before = set(os.listdir(REPO))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/span_cxr/train.json", *cli_args(ov)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert set(os.listdir(REPO)) == before, "the run wrote into the repository root"
+
+    run = work / "span_cxr"
+    assert (run / "checkpoints" / "checkpoint_epoch=2.pt").is_file()
+    assert (run / "model.pt").is_file() and (run / "student.pt").is_file()
+    assert not list(run.rglob("*.tmp")), "temporary files left behind"
+    final = json.loads((run / "final_summary.json").read_text())
+    assert final["epoch"] == 2
+    assert set(final["comparison"]) == {"left_lung", "right_lung", "heart"}
+    assert final["comparison"]["left_lung"]["assigned_head"] == 0
+    assert final["comparison"]["heart"]["assigned_head"] == 2
+    base = json.loads((work / "span_cxr_baseline" / "final_summary.json").read_text())
+    assert base["baseline"] is True and base["hparams"] == final["hparams"]
+    assert "plain DINO" in proc.stdout and "left_lung" in proc.stdout
+
+    # the overlay PNGs exist for every validation epoch
+    assert sorted(p.name for p in (run / "overlays").glob("*img0.png")) == [
+        "attention_epoch=1_img0.png",
+        "attention_epoch=2_img0.png",
+    ]
+
+    # MLflow: a real SQLite store that the client reads back
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri="sqlite:///" + str((work / "mlruns.db").resolve()))
+    exp = client.get_experiment_by_name("span_cxr")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert {"span_cxr", "span_cxr_baseline"} <= set(runs)
+    r = runs["span_cxr"]
+    assert r.info.status == "FINISHED"
+    assert r.data.params["hparams.epochs"] == "2"
+    assert r.data.params["baseline"] == "false"
+    assert runs["span_cxr_baseline"].data.params["prior_weight"] == "0.0"
+    n_iter = 2 * (16 // 8)  # 2 epochs x (16 training cases / batch 8)
+    assert len(client.get_metric_history(r.info.run_id, "loss")) == n_iter
+    assert len(client.get_metric_history(r.info.run_id, "ap/left_lung/assigned")) == 2
+    arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"model.pt", "latest_summary.json"} <= arts
+    assert any(a.startswith("attention_epoch=") for a in arts) or "overlays" in arts
+
+
+def test_resume_after_interruption(tmp_path: Path) -> None:
+    """A run killed in epoch 2 of 3 restarts from the epoch-1 checkpoint and runs only epochs 2-3."""
+    ov = toy_overrides(tmp_path, mlflow_tracking=False, **{"hparams::epochs": 3})
+    wf = make_workflow(ov)
+    trainer = wf.parser.get_parsed_content("train::trainer")
+
+    def _kill(engine):
+        if engine.state.epoch == 2:
+            raise RuntimeError("simulated kill")
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, _kill)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        wf.run()
+    ckpt_dir = tmp_path / "span_cxr" / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint_epoch=1.pt"]
+
+    wf2 = make_workflow(ov)
+    trainer2 = wf2.parser.get_parsed_content("train::trainer")
+    seen_epochs: list[int] = []
+    trainer2.add_event_handler(Events.EPOCH_STARTED, lambda e: seen_epochs.append(e.state.epoch))
+    wf2.run()
+    assert seen_epochs == [2, 3]
+    assert trainer2.state.epoch == 3 and trainer2.state.iteration == 3 * 2
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt"]
+    # the DINO centre and teacher were restored too: the checkpoint holds them
+    state = torch.load(ckpt_dir / "checkpoint_epoch=3.pt", weights_only=True)
+    assert {"student", "teacher", "optimizer", "dino_loss", "trainer"} <= set(state)
+    assert state["trainer"]["epoch"] == 3
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
+    ov = toy_overrides(tmp_path, mlflow_tracking=False, **{"hparams::epochs": 3})
+    wf = make_workflow(ov)
+    trainer = wf.parser.get_parsed_content("train::trainer")
+    student = wf.parser.get_parsed_content("student")
+
+    def _poison(engine):
+        if engine.state.epoch == 2:
+            with torch.no_grad():
+                next(student.parameters()).fill_(float("nan"))
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, _poison)
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, iteration 3 .*cases: cxr_"):
+        wf.run()
+    ckpt = tmp_path / "span_cxr" / "checkpoints" / "checkpoint_epoch=1.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+    assert not (tmp_path / "span_cxr" / "checkpoints" / "checkpoint_epoch=2.pt").exists()
+
+
+def _toy_datalist(tmp_path: Path) -> tuple[Path, dict]:
+    from medspan.data.default_sets import prepare_synthetic_cxr
+
+    path = prepare_synthetic_cxr(tmp_path / "data", n_cases=8, n_val=2, size=64, mask_sigma=2.0)
+    return Path(path), json.loads(Path(path).read_text())
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    path, doc = _toy_datalist(tmp_path)
+    missing = tmp_path / "nowhere" / "ghost.png"
+    doc["training"][1]["image"] = str(missing)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(BaseException) as info:
+        make_workflow(toy_overrides(tmp_path / "runs", mlflow_tracking=False, datalist=str(bad))).run()
+    msgs = [str(e) for e in _chain(info.value) if isinstance(e, DataError)]
+    assert msgs, f"no DataError in {_chain(info.value)}"
+    assert "training[1]" in msgs[0] and "ghost.png" in msgs[0]
+
+
+def test_wrong_prior_shape_is_named(tmp_path: Path) -> None:
+    path, doc = _toy_datalist(tmp_path)
+    wrong = tmp_path / "wrong_prior.npy"
+    np.save(wrong, np.zeros((3, 64, 32), np.float16))  # half the field of view
+    doc["training"][2]["prior"] = str(wrong)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(BaseException) as info:
+        make_workflow(toy_overrides(tmp_path / "runs", mlflow_tracking=False, datalist=str(bad))).run()
+    msgs = [str(e) for e in _chain(info.value) if isinstance(e, DataError)]
+    assert msgs, f"no DataError in {_chain(info.value)}"
+    assert "wrong_prior.npy" in msgs[0] and "field of view" in msgs[0]
+
+
+def test_bundle_files_present() -> None:
+    for name in ("train.json", "inference.json", "metadata.json", "logging.conf", "README.md"):
+        assert (SPAN_BUNDLE / name).is_file(), name
+    meta = json.loads((SPAN_BUNDLE / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
