@@ -204,3 +204,16 @@ def test_gradcheck_wrt_attention_logits(mode):
         return loss_fn(z.softmax(-1), prior, (2, 2))
 
     assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "shape,grid,sigma",
+    [((2, 3, 64, 64), (8, 8), 1.0), ((2, 3, 37, 53), (5, 7), 2.3), ((1, 2, 20, 24, 28), (4, 3, 7), 1.5),
+     ((2, 3, 32, 32), (4, 4), 0.0)],
+)
+def test_blur_pool_matrix_form_equals_blur_then_pool(shape, grid, sigma) -> None:
+    from medspan.priors.attention_prior import blur_pool_to_grid, gaussian_blur, pool_to_grid
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = pool_to_grid(gaussian_blur(x, sigma), grid)
+    torch.testing.assert_close(blur_pool_to_grid(x, grid, sigma), expected, rtol=0, atol=1e-12)

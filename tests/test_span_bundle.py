@@ -75,6 +75,22 @@ def test_cli_end_to_end_with_baseline_and_mlflow(tmp_path: Path) -> None:
     assert {"model.pt", "latest_summary.json"} <= arts
     assert any(a.startswith("attention_epoch=") for a in arts) or "overlays" in arts
 
+    # inference.json: per-head attention maps of the trained run for the validation images
+    inf = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/span_cxr/inference.json",
+           "--bundle_root", str(SPAN_BUNDLE), "--work_dir", str(work)]
+    proc = subprocess.run(inf, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = run / "inference"
+    nii = sorted(out.glob("*_attention.nii.gz"))
+    assert len(nii) == 4  # the 4 validation images
+    import nibabel as nib
+
+    vol = np.asarray(nib.load(nii[0]).dataobj)
+    assert vol.shape == (32, 32, 6)  # val_size x val_size x heads of vit_toy
+    assert np.all(vol >= 0)
+    stem = nii[0].name[: -len("_attention.nii.gz")]
+    assert {f"{stem}_head{h}.png" for h in range(6)} | {f"{stem}_overlay.png"} <= {p.name for p in out.iterdir()}
+
 
 def test_resume_after_interruption(tmp_path: Path) -> None:
     """A run killed in epoch 2 of 3 restarts from the epoch-1 checkpoint and runs only epochs 2-3."""

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -68,6 +69,9 @@ class EpochCheckpoint:
         n_saved: how many recent checkpoints to keep.
         interval: save every this many epochs (the last epoch is always saved).
         resume: restore the newest checkpoint at ``Events.STARTED`` if one exists.
+        fingerprint: settings the checkpoints belong to (e.g. the hyper-parameters); stored beside them,
+            and a resume with different settings is refused with a clear error instead of loading
+            weights of another configuration.
         save_engine: also save/restore the engine it is attached to (epoch, iteration) as ``"trainer"``;
             this avoids a circular reference between a trainer and its handlers in bundle configs.
     """
@@ -80,6 +84,7 @@ class EpochCheckpoint:
         interval: int = 1,
         resume: bool = True,
         save_engine: bool = True,
+        fingerprint: Mapping[str, Any] | None = None,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
@@ -87,6 +92,7 @@ class EpochCheckpoint:
         self.interval = max(1, int(interval))
         self.resume = bool(resume)
         self.save_engine = bool(save_engine)
+        self.fingerprint = None if fingerprint is None else json.loads(json.dumps(fingerprint, default=str))
         self.resumed_from: Path | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -96,11 +102,24 @@ class EpochCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def load(self, engine: Engine) -> None:
-        if not self.resume:
-            return
         path = latest_checkpoint(self.save_dir)
         if path is None:
             return
+        if not self.resume:  # a fresh start: old checkpoints must not be picked up later
+            for p in self.save_dir.iterdir():
+                if _PATTERN.match(p.name):
+                    p.unlink()
+            logger.info("resume is off: removed old checkpoints in %s", self.save_dir)
+            return
+        fp_file = self.save_dir / "fingerprint.json"
+        if self.fingerprint is not None and fp_file.is_file():
+            saved = json.loads(fp_file.read_text())
+            if saved != self.fingerprint:
+                diff = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+                raise ValueError(
+                    f"{self.save_dir}: the checkpoints there were made with other settings ({', '.join(diff)} "
+                    "differ); use another run name / output folder, or start afresh with resume off"
+                )
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         max_epochs = engine.state.max_epochs
         Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
@@ -117,6 +136,10 @@ class EpochCheckpoint:
         epoch = engine.state.epoch
         if epoch % self.interval and epoch != engine.state.max_epochs:
             return
+        if self.fingerprint is not None:
+            from medspan.engines.attention_validation import write_json_atomic
+
+            write_json_atomic(self.fingerprint, self.save_dir / "fingerprint.json")
         state = {k: v.state_dict() for k, v in self.save_dict.items()}
         atomic_torch_save(state, self.save_dir / f"checkpoint_epoch={epoch}.pt")
         found = sorted((int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := _PATTERN.match(p.name)))

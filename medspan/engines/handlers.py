@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,15 +25,19 @@ class ProgressBarHandler:
 
     Args:
         keys: output entries to show (missing ones are skipped).
-        disable: turn the bar off (e.g. in CI logs).
+        disable: turn the bar off.
+        only_tty: show it only when stderr is a terminal (log files and CI get the stats lines only).
     """
 
-    def __init__(self, keys: Sequence[str] = ("loss", "dino", "prior"), disable: bool = False) -> None:
+    def __init__(
+        self, keys: Sequence[str] = ("loss", "dino", "prior"), disable: bool = False, only_tty: bool = True
+    ) -> None:
         self.keys = tuple(keys)
         self.disable = disable
+        self.only_tty = only_tty
 
     def attach(self, engine: Engine) -> None:
-        if self.disable:
+        if self.disable or (self.only_tty and not sys.stderr.isatty()):
             return
         from ignite.handlers import ProgressBar
 

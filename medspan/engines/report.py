@@ -75,8 +75,14 @@ def finish(
     config_file: str | os.PathLike | None = None,
     baseline_dir: str | os.PathLike | None = None,
     baseline_overrides: Mapping[str, Any] | None = None,
+    datalist: str | os.PathLike | None = None,
+    evaluator: Any = None,
+    final_epoch: int | None = None,
 ) -> dict[str, Any]:
     """Write ``final_summary.json``, optionally run/reuse the baseline, print the comparison table.
+
+    If ``evaluator`` is given and the last validation is older than ``final_epoch``, the evaluator
+    runs once more so that the figures are those of the final weights.
 
     Returns:
         the final record (``summary`` from the last validation, ``hparams``, and ``comparison`` when a
@@ -84,9 +90,13 @@ def finish(
     """
     out = Path(output_dir)
     latest = _load(out / "latest_summary.json")
+    if evaluator is not None and final_epoch and (latest is None or latest.get("epoch") != final_epoch):
+        evaluator.run(final_epoch)  # the last epoch was not validated (interval): validate it now
+        latest = _load(out / "latest_summary.json")
     if latest is None:
         raise RuntimeError(f"{out / 'latest_summary.json'}: no validation summary; did validation run?")
-    record = {**latest, "hparams": dict(hparams), "baseline": bool(baseline)}
+    record = {**latest, "hparams": dict(hparams), "baseline": bool(baseline),
+              "datalist": None if datalist is None else str(datalist)}
     write_json_atomic(record, out / "final_summary.json")
 
     base_record = None

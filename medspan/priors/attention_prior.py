@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -95,6 +96,49 @@ def pool_to_grid(x: Tensor, grid: Sequence[int]) -> Tensor:
     return pool(x, grid).flatten(2)
 
 
+@functools.lru_cache(maxsize=64)
+def _axis_operator_f64(length: int, cells: int, sigma: float, truncate: float) -> Tensor:
+    """(cells, length) matrix = adaptive-average-pool(length -> cells) @ Gaussian blur (replicate border)."""
+    blur = torch.eye(length, dtype=torch.float64)
+    if sigma > 0:
+        k = _gaussian_kernel1d(sigma, truncate, torch.float64, torch.device("cpu"))
+        r = (k.numel() - 1) // 2
+        blur = torch.zeros(length, length, dtype=torch.float64)
+        rows = torch.arange(length)
+        for t in range(k.numel()):  # output i reads input clamp(i + t - r)
+            cols = (rows + t - r).clamp(0, length - 1)
+            blur.index_put_((rows, cols), k[t].expand(length), accumulate=True)
+    pool = torch.zeros(cells, length, dtype=torch.float64)
+    for c in range(cells):  # torch's adaptive pooling bins
+        start, end = (c * length) // cells, -((-(c + 1) * length) // cells)
+        pool[c, start:end] = 1.0 / (end - start)
+    return pool @ blur
+
+
+def blur_pool_to_grid(x: Tensor, grid: Sequence[int], sigma: float, truncate: float = 4.0) -> Tensor:
+    """``pool_to_grid(gaussian_blur(x, sigma), grid)`` as one small matrix product per axis.
+
+    Blur and adaptive average pooling are linear and separable, so along each spatial axis they
+    collapse into a (cells, length) matrix; the prior goes to the grid in O(pixels * cells) without
+    a convolution (a conv with a 1-channel kernel is slow on CPU).
+
+    Args:
+        x: (B, C, *spatial) float maps, 2 or 3 spatial dims.
+        grid: target grid, as many ints as spatial dims.
+        sigma: blur in pixels of ``x`` (0: pooling only).
+
+    Returns:
+        (B, C, prod(grid)), row-major over the grid like :func:`pool_to_grid`.
+    """
+    grid = tuple(int(g) for g in grid)
+    y = x
+    for axis, cells in enumerate(grid):
+        op = _axis_operator_f64(int(x.shape[2 + axis]), cells, float(max(sigma, 0.0)), float(truncate))
+        op = op.to(device=x.device, dtype=x.dtype)
+        y = torch.movedim(torch.movedim(y, 2 + axis, -1) @ op.T, -1, 2 + axis)
+    return y.flatten(2)
+
+
 def _check_prior(prior: Tensor, grid: Sequence[int], where: str = "priors") -> None:
     if len(grid) not in (2, 3) or any(int(g) < 1 for g in grid):
         raise ValueError(f"grid must be 2 or 3 positive ints, got {tuple(grid)}")
@@ -132,7 +176,7 @@ def prior_to_patch_distribution(
     _check_prior(prior, grid)
     if not prior.is_floating_point():
         prior = prior.float()
-    pooled = pool_to_grid(gaussian_blur(prior, sigma), grid) + eps
+    pooled = blur_pool_to_grid(prior, grid, sigma) + eps
     return pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(pooled.dtype).tiny)
 
 
