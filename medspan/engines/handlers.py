@@ -41,10 +41,9 @@ class ProgressBarHandler:
             return
         from ignite.handlers import ProgressBar
 
-        keys = self.keys
-        ProgressBar(persist=False, ncols=100).attach(
-            engine, output_transform=lambda out: {k: out[k] for k in keys if isinstance(out, dict) and k in out}
-        )
+        from medspan.engines.pretrain import loss_terms
+
+        ProgressBar(persist=False, ncols=100).attach(engine, output_transform=loss_terms(self.keys))
 
 
 class ExportWeights:

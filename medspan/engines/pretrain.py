@@ -35,7 +35,22 @@ from torch import nn
 
 from medspan.errors import TrainingError
 
-__all__ = ["SelfDistillationTrainer", "param_groups", "schedule_value"]
+__all__ = ["SelfDistillationTrainer", "param_groups", "schedule_value", "loss_terms"]
+
+
+def loss_terms(keys: Sequence[str] = ("loss", "dino", "prior")) -> Callable[[Any], dict[str, float]]:
+    """Output transform for stats / tracking handlers: the iteration output -> ``{key: value}``.
+
+    The trainer's ``engine.state.output`` follows MONAI's decollated convention (a list whose first
+    item holds the batch-level values), so MONAI's ``from_engine(["loss"], first=True)`` works too.
+    """
+    keys = tuple(keys)
+
+    def _terms(output: Any) -> dict[str, float]:
+        out = output[0] if isinstance(output, (list, tuple)) else output
+        return {k: out[k] for k in keys if k in out}
+
+    return _terms
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -200,7 +215,7 @@ class SelfDistillationTrainer(Trainer):
         return ", ".join(map(str, list(ids)[:8])) + (" ..." if len(ids) > 8 else "")
 
     # ------------------------------------------------------------------ iteration
-    def _iteration(self, engine: SelfDistillationTrainer, batchdata: dict[str, Any]) -> dict[str, float]:
+    def _iteration(self, engine: SelfDistillationTrainer, batchdata: dict[str, Any]) -> list[dict[str, float]]:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         it = engine.state.iteration - 1
@@ -272,5 +287,5 @@ class SelfDistillationTrainer(Trainer):
         out["w_prior"] = w_prior
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
-        engine.state.output = out
-        return out
+        engine.state.output = [out]  # MONAI's decollated convention: batch-level values in item 0
+        return engine.state.output
