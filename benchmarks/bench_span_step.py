@@ -189,6 +189,7 @@ def timed_step(trainer, batch: dict, span: bool, device: torch.device) -> tuple[
     out = trainer._iteration(trainer, batch)
     _sync(device)
     dt = time.perf_counter() - t0
+    out = out[0] if isinstance(out, list) else out  # MONAI's decollated convention
     if span != ("prior" in out):
         raise RuntimeError(f"variant mismatch: span={span} but step output keys are {sorted(out)}")
     return dt, out
