@@ -51,6 +51,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def _unwrap(obj: Any) -> Any:
+    """The module inside a DistributedDataParallel / DataParallel wrapper (checkpoints stay portable)."""
+    return getattr(obj, "module", obj) if isinstance(obj, torch.nn.Module) else obj
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The ``checkpoint_epoch=N.pt`` with the largest N in ``directory``, or None."""
     d = Path(directory)
@@ -122,7 +127,7 @@ class EpochCheckpoint:
                 )
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
+        Checkpoint.load_objects(to_load={k: _unwrap(v) for k, v in self.save_dict.items()}, checkpoint=checkpoint)
         if max_epochs is not None and engine.state.epoch > max_epochs:
             raise ValueError(
                 f"{path}: checkpoint is at epoch {engine.state.epoch} but max_epochs is {max_epochs}; "
@@ -133,14 +138,16 @@ class EpochCheckpoint:
         logger.info("resumed from %s (epoch %d)", path, engine.state.epoch)
 
     def save(self, engine: Engine) -> None:
+        from medspan.engines.dist import is_main_rank
+
         epoch = engine.state.epoch
-        if epoch % self.interval and epoch != engine.state.max_epochs:
+        if (epoch % self.interval and epoch != engine.state.max_epochs) or not is_main_rank():
             return
         if self.fingerprint is not None:
             from medspan.engines.attention_validation import write_json_atomic
 
             write_json_atomic(self.fingerprint, self.save_dir / "fingerprint.json")
-        state = {k: v.state_dict() for k, v in self.save_dict.items()}
+        state = {k: _unwrap(v).state_dict() for k, v in self.save_dict.items()}
         atomic_torch_save(state, self.save_dir / f"checkpoint_epoch={epoch}.pt")
         found = sorted((int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := _PATTERN.match(p.name)))
         for _, p in found[: -self.n_saved]:

@@ -62,4 +62,11 @@ class ExportWeights:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> list[Path]:
-        return [atomic_torch_save(m.state_dict(), self.output_dir / name) for name, m in self.modules.items()]
+        from medspan.engines.dist import is_main_rank
+
+        if not is_main_rank():
+            return []
+        return [
+            atomic_torch_save(getattr(m, "module", m).state_dict(), self.output_dir / name)
+            for name, m in self.modules.items()
+        ]
