@@ -64,7 +64,6 @@ import csv
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -75,6 +74,7 @@ import numpy as np
 from PIL import Image
 
 from medspan.errors import DataError
+from medspan.io import atomic_write, write_json_atomic
 
 __all__ = [
     "STRUCTURES",
@@ -342,31 +342,12 @@ def split_lungs(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _atomic_png(array_or_image: np.ndarray | Image.Image, path: Path) -> None:
     """Save an 8-bit PNG through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     im = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"), suffix=".png")
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_json_atomic(obj, path)
 
 
 def _case_paths(out_dir: Path, case_id: str) -> dict[str, Path]:

@@ -53,12 +53,12 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from medspan.errors import DataError
+from medspan.io import write_text_atomic
 
 #: entry keys whose values are file paths (resolved against the datalist folder)
 PATH_KEYS: tuple[str, ...] = ("image", "label", "prior")
@@ -95,14 +95,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def datalist_sections(data: Mapping[str, Any]) -> list[str]:
-    """Names of the sections of a parsed datalist: top-level lists other than the metadata lists.
+    """Names of the sections of a parsed datalist: the known sections, and other top-level lists of
+    entries (objects or paths); metadata lists (``structures``, ``classes``, numbers such as ``spacing``)
+    are not sections.
 
     Example::
 
         datalist_sections({"name": "x", "structures": ["a"], "training": [], "test": []})
         # ['training', 'test']
     """
-    return [k for k, v in data.items() if isinstance(v, list) and k not in META_LIST_KEYS]
+    return [
+        k
+        for k, v in data.items()
+        if isinstance(v, list)
+        and k not in META_LIST_KEYS
+        and (k in KNOWN_SECTIONS or all(isinstance(e, (Mapping, str)) for e in v))
+    ]
 
 
 def _entry_where(file: Path, section: str, index: int, entry: Any) -> str:
@@ -441,10 +449,14 @@ def validate_datalist(
     if not wanted:
         problems.append((str(file), f"no sections (expected one of {', '.join(KNOWN_SECTIONS)})"))
     seen_in: dict[str, str] = {}
+    if sections is None and present and not any(_section_entries(data, s) for s in present):
+        problems.append((str(file), f"every section is empty ({', '.join(present)})"))
     for section in wanted:
         if section not in present:
             problems.append((str(file), _unknown_section(section, present)))
             continue
+        if sections is None and not _section_entries(data, section):
+            continue  # an empty optional section (e.g. "test": []) is fine when nothing asks for it
         problems += _section_problems(file, data, section, base, require, path_keys, check_files, check_shapes)
         for i, entry in enumerate(_section_entries(data, section)):
             if isinstance(entry, Mapping) and isinstance(entry.get("case_id"), (str, int)):
@@ -600,17 +612,7 @@ def write_datalist(
             out_entries.append(item)
         doc[name] = out_entries
     text = json.dumps(doc, indent=2, default=_json_default) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(text, file)
     return file
 
 

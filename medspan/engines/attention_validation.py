@@ -16,10 +16,8 @@ Three parts, composed in bundle configs:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from torch import nn
 
+from medspan.io import write_json_atomic
 from medspan.eval.attention_seg import attention_ap, attention_dice, attention_to_maps, summarize_heads
 
 __all__ = ["AttentionProbe", "AttentionSegMetric", "AttentionSegReport", "write_json_atomic", "head_map"]
@@ -51,30 +50,6 @@ def head_map(head_structures: Mapping[Any, str] | None, structures: Sequence[str
             raise ValueError(f"head {h} is assigned unknown structure {name!r}; known: {list(structures)}")
         out[int(h)] = list(structures).index(name)
     return out
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, (np.ndarray, torch.Tensor)):
-        return np.asarray(o.detach().cpu() if isinstance(o, torch.Tensor) else o).tolist()
-    return str(o)
 
 
 class AttentionProbe(nn.Module):

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+
+from medspan.io import atomic_write, write_json_atomic
 
 __all__ = ["EpochCheckpoint", "latest_checkpoint", "atomic_torch_save"]
 
@@ -37,18 +38,7 @@ logger = logging.getLogger(__name__)
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the target folder, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), suffix=".tmp")
 
 
 def _unwrap(obj: Any) -> Any:
@@ -144,8 +134,6 @@ class EpochCheckpoint:
         if (epoch % self.interval and epoch != engine.state.max_epochs) or not is_main_rank():
             return
         if self.fingerprint is not None:
-            from medspan.engines.attention_validation import write_json_atomic
-
             write_json_atomic(self.fingerprint, self.save_dir / "fingerprint.json")
         state = {k: _unwrap(v).state_dict() for k, v in self.save_dict.items()}
         atomic_torch_save(state, self.save_dir / f"checkpoint_epoch={epoch}.pt")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from medspan.errors import DataError
+from medspan.io import atomic_write
 
 __all__ = ["find_images", "AttentionMapWriter", "load_run_record"]
 
@@ -80,20 +80,6 @@ def find_images(source: str | os.PathLike | None, section: str = "validation", l
     if not items:
         raise DataError(src, "no image files found")
     return items[:limit] if limit else items
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class AttentionMapWriter:
@@ -168,7 +154,7 @@ class AttentionMapWriter:
                 aff = full
             vol = np.moveaxis(m, 0, -1).astype(np.float32)  # (x, y, H)
             path = self.output_dir / f"{stem}_attention.nii.gz"
-            _atomic(path, lambda t: nib.save(nib.Nifti1Image(vol, aff), t))
+            atomic_write(path, lambda t: nib.save(nib.Nifti1Image(vol, aff), t))
             self.written.append(path)
         if self.write_png:
             from PIL import Image
@@ -178,7 +164,7 @@ class AttentionMapWriter:
                 a = (a - a.min()) / (np.ptp(a) + 1e-12)
                 arr = (a.T * 255).round().astype(np.uint8)  # MONAI (x, y) -> picture (rows, cols)
                 path = self.output_dir / f"{stem}_head{h}.png"
-                _atomic(path, lambda t, arr=arr: Image.fromarray(arr).save(t, format="PNG"))
+                atomic_write(path, lambda t, arr=arr: Image.fromarray(arr).save(t, format="PNG"))
                 self.written.append(path)
         if self.write_overlay:
             from medspan.eval.overlay import attention_overlay

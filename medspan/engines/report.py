@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medspan.engines.attention_validation import write_json_atomic
 from medspan.eval.attention_seg import format_summary
+from medspan.io import write_json_atomic
 
 __all__ = ["finish", "run_baseline", "comparison_rows"]
 

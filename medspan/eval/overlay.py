@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from skimage.segmentation import find_boundaries
+
+from medspan.io import atomic_write
 
 __all__ = ["GAP", "MASK_COLOURS", "TITLE_HEIGHT", "attention_overlay", "heat_colormap"]
 
@@ -168,15 +169,4 @@ def attention_overlay(
         for s, name in enumerate(mask_names):
             draw.text((2, TITLE_HEIGHT + 2 + 12 * s), str(name), fill=MASK_COLOURS[s % len(MASK_COLOURS)], font=font)
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        canvas.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"), suffix=".png")

@@ -13,12 +13,13 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from medspan.io import atomic_write
 
 __all__ = ["soften_masks", "mean_prior", "save_prior", "load_prior"]
 
@@ -67,18 +68,7 @@ def mean_prior(masks: Iterable[np.ndarray], sigma: float | Sequence[float] = 0.0
 
 def save_prior(prior: np.ndarray, path: str | os.PathLike) -> Path:
     """Save a (S, *spatial) prior as float16 ``.npy`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
-    os.close(fd)
-    try:
-        np.save(tmp, np.asarray(prior, dtype=np.float16))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: np.save(tmp, np.asarray(prior, dtype=np.float16)), suffix=".npy")
 
 
 def load_prior(path: str | os.PathLike) -> np.ndarray:
