@@ -191,3 +191,12 @@ def test_overlay_writes_png_of_expected_size(tmp_path):
     assert tuple(arr[TITLE_HEIGHT + 2 * 5, 2 * 10]) == MASK_COLOURS[0]  # corner (row 5, col 10)
     with pytest.raises(ValueError, match="head titles"):
         attention_overlay(image, maps, None, ["h0"], tmp_path / "x.png")
+
+
+def test_format_summary_plain_dino_shows_best_head_only() -> None:
+    s = summarize_heads(torch.tensor([[0.2, 0.9], [0.6, 0.1]]), ["lung", "heart"], {})
+    assert format_summary(s).splitlines() == [
+        "structure  best head",
+        "lung        60.0 (h1)",
+        "heart       90.0 (h0)",
+    ]

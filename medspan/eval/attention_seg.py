@@ -310,7 +310,8 @@ def format_summary(
     Columns: structure | assigned head AP | best free head AP | (baseline best head AP) | gap.
     ``gap`` is assigned AP − baseline best AP when a baseline is given (the honest comparison:
     the baseline may pick its best head per structure), else assigned AP − best free AP, in AP
-    points. ``-`` marks a missing value.
+    points. ``-`` marks a missing value. With no assigned head at all and no baseline (a plain DINO
+    run) the table has one column: the best head per structure.
 
     Example::
 
@@ -319,6 +320,13 @@ def format_summary(
         structure  assigned    best free   gap
         heart       80.0 (h0)   50.0 (h1)  +30.0
     """
+    if baseline_summary is None and all(r.get("assigned_ap") is None for r in summary.values()):
+        # no guided heads (plain DINO): one column, the best head per structure
+        rows = [[str(n), _cell(r.get("best_ap"), r.get("best_head"))] for n, r in summary.items()]
+        widths = [max(len(x) for x in col) for col in zip(["structure", "best head"], *rows)]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [["structure", "best head"], *rows]
+        )
     headers = ["structure", "assigned", "best free"]
     headers += (["baseline best"] if baseline_summary is not None else []) + ["gap"]
     rows = []
