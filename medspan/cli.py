@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "overview": ("medspan.data.overview", "draw a grid of synthetic samples with mask overlays (PNG)"),
     "check-datalist": ("medspan.data.datalist_cli", "validate a MONAI datalist JSON (files, keys, shapes)"),
     "info": ("medspan.data.info_cli", "read an image (DICOM, series folder, PNG, NIfTI...) and print shape, spacing, range"),
+    "prepare": ("data_prep.cli", "convert a public dataset's own layout into MONAI datalists (medspan prepare --help)"),
 }
 
 
