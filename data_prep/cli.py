@@ -12,6 +12,15 @@ import importlib
 # name -> (module, one-line help)
 CONVERTERS: dict[str, tuple[str, str]] = {
     "mhh-covid-lungs": ("data_prep.mhh_covid_lungs", "MHH COVID-19 CXRs with V7 lung masks -> span_cxr datalist"),
+    "nih-cxr14": ("data_prep.nih_cxr14", "NIH ChestX-ray14 -> 14 findings + No Finding, official split, boxes"),
+    "chexpert": ("data_prep.chexpert", "CheXpert train/valid CSVs -> 14 observations, uncertainty policy, views"),
+    "jsrt-scr": ("data_prep.jsrt_scr", "JSRT raw 12-bit images + SCR masks -> lungs, heart, clavicles (+ exemplar)"),
+    "tb-cxr": ("data_prep.tb_cxr", "Montgomery + Shenzhen TB sets -> lung masks (separate/merged), TB labels"),
+    "vindr-cxr": ("data_prep.vindr_cxr", "VinDr-CXR DICOM + reader labels and boxes -> datalist with PNG cache"),
+    "lidc-idri": ("data_prep.lidc_idri", "LIDC-IDRI CT + reader XML -> nodule masks, consensus, malignancy crops"),
+    "msd-lung": ("data_prep.msd_lung", "MSD Task06 Lung NIfTI -> datalist (+ resampled cache)"),
+    "nsclc-radiomics": ("data_prep.nsclc_radiomics", "NSCLC-Radiomics CT + RTSTRUCT/SEG -> per-structure masks"),
+    "folder": ("data_prep.folder", "any folder of DICOM/PNG/NIfTI -> unlabeled pretraining datalist"),
 }
 
 
