@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "overview": ("medspan.data.overview", "draw a grid of synthetic samples with mask overlays (PNG)"),
     "check-datalist": ("medspan.data.datalist_cli", "validate a MONAI datalist JSON (files, keys, shapes)"),
     "info": ("medspan.data.info_cli", "read an image (DICOM, series folder, PNG, NIfTI...) and print shape, spacing, range"),
+    "build-priors": ("medspan.priors.atlas_cli", "register one labeled exemplar onto every image and write per-image priors"),
+    "priors-report": ("medspan.priors.report_cli", "Dice and quality report of a build-priors folder, with an overlay PNG"),
     "prepare": ("data_prep.cli", "convert a public dataset's own layout into MONAI datalists (medspan prepare --help)"),
 }
 

@@ -1,13 +1,19 @@
 """The embedded default data of the pretraining bundles: a synthetic anatomy set with priors.
 
-:func:`prepare_synthetic_cxr` makes (once; later calls reuse it) a set of phantom chest X-rays
-with their organ masks, takes ONE training case as the expert-labeled exemplar, turns its masks
-into a soft prior, and writes a datalist whose training entries carry ``prior`` and whose
-validation entries carry ``label`` (one mask per structure, in the order of ``structures``).
+:func:`prepare_synthetic_cxr` (``span_cxr``) makes (once; later calls reuse it) a set of phantom
+chest X-rays with their organ masks, takes ONE training case as the expert-labeled exemplar, and
+writes a datalist whose training entries carry ``prior`` and whose validation entries carry
+``label`` (one mask per structure, in the order of ``structures``). :func:`registered_priors` is the
+step that turns the exemplar into per-image priors; it works for 2D and 3D sets alike (the CT
+default, :mod:`medspan.data.default_ct`, can call it the same way).
 
-Prior used here: the exemplar's masks, Gaussian-softened, as one fixed prior for every image
-(the "single expert-labeled sample" prior). Per-image priors by registering the exemplar onto each
-image come from :mod:`medspan.priors.atlas` when that is available; the datalist format is the same.
+Priors (``prior=``):
+
+* ``"registered"`` (default): the exemplar is registered onto every training image
+  (:func:`medspan.priors.atlas.build_priors`: affine, then diffeomorphic demons by default) and its
+  warped masks, Gaussian-softened, are that image's prior. Results are cached in the set folder
+  (``atlas_*``); a re-run registers nothing, an interrupted run resumes.
+* ``"exemplar"``: the exemplar's softened masks as one fixed prior for every image (no registration).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from PIL import Image
 
 from medspan.errors import DataError
 
-__all__ = ["prepare_synthetic_cxr", "exemplar_masks"]
+__all__ = ["exemplar_masks", "prepare_synthetic_cxr", "registered_priors"]
 
 
 def exemplar_masks(mask_paths: Sequence[str | os.PathLike]) -> np.ndarray:
@@ -49,8 +55,11 @@ def prepare_synthetic_cxr(
     exemplar: int = 0,
     mask_sigma: float = 4.0,
     workers: int = 1,
+    prior: str = "registered",
+    prior_method: str = "default",
+    prior_workers: int = 2,
 ) -> str:
-    """Generate (or reuse) the synthetic CXR set and its exemplar prior; return the datalist path.
+    """Generate (or reuse) the synthetic CXR set and its exemplar priors; return the datalist path.
 
     Args:
         data_dir: folder of the set (``dataset.json``, ``images/``, ``masks/``, ``priors/``).
@@ -60,8 +69,13 @@ def prepare_synthetic_cxr(
         seed: generator seed (case i depends only on (seed, i)).
         structures: structures that get prior channels and validation labels, in channel order.
         exemplar: index of the training case whose masks make the prior.
-        mask_sigma: Gaussian softening of the exemplar masks, in pixels.
+        mask_sigma: Gaussian softening of the (warped) exemplar masks, in pixels.
         workers: generator processes.
+        prior: ``"registered"`` (the exemplar registered onto every training image) or ``"exemplar"``
+            (its softened masks as one fixed prior for all).
+        prior_method: registration method for ``"registered"`` (``"default"`` = demons, ``"bspline"``,
+            ``"affine"``).
+        prior_workers: registration processes.
 
     Returns:
         path of ``span_datalist.json`` (absolute paths are resolved by
@@ -97,20 +111,72 @@ def prepare_synthetic_cxr(
         masks = exemplar_masks([_abs(ex["label"][i]) for i in idx])
         save_prior(soften_masks(masks, sigma=mask_sigma), prior_path)
 
+    images = [_abs(e["image"]) for e in train]
+    if prior == "registered":
+        atlas_dir = set_dir / f"atlas_{prior_method}_ex{exemplar}_sigma{mask_sigma:g}_{'-'.join(structures)}"
+        priors = registered_priors(
+            _abs(ex["image"]), [_abs(ex["label"][i]) for i in idx], structures, images, atlas_dir,
+            method=prior_method, sigma=mask_sigma, workers=prior_workers,
+        )
+        suffix, what = f"_reg-{prior_method}", f"priors registered from exemplar {ex['case_id']}"
+    elif prior == "exemplar":
+        priors = {img: str(prior_path.resolve()) for img in images}
+        suffix, what = "", "exemplar prior"
+    else:
+        raise ValueError(f"prior must be 'registered' or 'exemplar', got {prior!r}")
+
     training = [
-        {"image": _abs(e["image"]), "prior": str(prior_path.resolve()), "case_id": e["case_id"]} for e in train
+        {"image": img, "prior": priors[img], "case_id": e["case_id"]} for img, e in zip(images, train) if img in priors
     ]
     validation = [
         {"image": _abs(e["image"]), "label": [_abs(e["label"][i]) for i in idx], "case_id": e["case_id"]}
         for e in val
     ]
-    out = set_dir / f"span_datalist_{'-'.join(structures)}_ex{exemplar}.json"
+    out = set_dir / f"span_datalist_{'-'.join(structures)}_ex{exemplar}{suffix}.json"
     if not out.exists():
         write_datalist(
             out,
             {"training": training, "validation": validation},
-            name=f"synthetic CXR {tag} with exemplar prior",
+            name=f"synthetic CXR {tag} with {what}",
             structures=list(structures),
             exemplar={"case_id": ex["case_id"], "image": _abs(ex["image"]), "prior": str(prior_path.resolve())},
         )
     return str(out)
+
+
+def registered_priors(
+    exemplar_image: str,
+    mask_paths: Sequence[str],
+    structures: Sequence[str],
+    images: Sequence[str],
+    out_dir: str | os.PathLike,
+    method: str = "default",
+    sigma: float = 4.0,
+    workers: int = 2,
+) -> dict[str, str]:
+    """Register the exemplar onto ``images`` (cached in ``out_dir``); return ``{image: prior path}``.
+
+    ``mask_paths`` holds one exemplar mask file per structure (order of ``structures``); works for 2D
+    and 3D images (:func:`medspan.priors.atlas.registration_settings` picks the settings by
+    dimension). Images whose registration failed outright (unreadable) are left out; flagged ones
+    (retried, affine or population fallback) keep their fallback prior. A folder made with other
+    registration settings (e.g. by an older medspan) is recomputed. One summary line is printed when
+    anything was registered. Fewer than ``16 * workers`` images are registered in this process.
+
+    Example::
+
+        priors = registered_priors("ct_0000.nii.gz", ["ct_0000_left_lung.nii.gz", "ct_0000_right_lung.nii.gz"],
+                                   ["left_lung", "right_lung"], images, "data/atlas", sigma=2.0)
+    """
+    from medspan.priors.atlas import build_priors, load_exemplar
+
+    ex = load_exemplar(exemplar_image, list(mask_paths), structures=list(structures))
+    # worker processes cost a second or two to start: not worth it for a handful of images
+    n_proc = workers if len(images) >= 16 * max(1, workers) else 1
+    res = build_priors(ex, [{"image": img} for img in images], out_dir, method=method, sigma=sigma,
+                       workers=n_proc, progress=False, overwrite=True)
+    if res.registered_now:
+        counts = ", ".join(f"{k} {v}" for k, v in res.counts.items() if v)
+        print(f"[medspan] registered the exemplar onto {len(res.registered_now)} images in {res.seconds:.0f} s "
+              f"({counts}); priors in {res.out_dir}")
+    return {os.path.normpath(r["image"]): r["prior"] for r in res.records if r.get("prior")}

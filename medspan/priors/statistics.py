@@ -4,10 +4,22 @@ A soft prior is a float array (S, *spatial) in [0, 1], one channel per structure
 order as the images it goes with (MONAI order when loaded through ``LoadImaged``). Priors are
 stored as ``.npy`` float16 files, channel first, which MONAI's ``NumpyReader`` loads.
 
+Population priors live in a **common frame**: the normalised field of view, i.e. every image's
+grid stretched onto one reference grid (``shape``) so that the image corners meet. That is the
+frame in which a fixed prior is used for every image (``PriorToImaged`` resamples a prior by field
+of view), so a population prior is usable as a fixed prior for any image:
+
+* :func:`population_prior`: the voxel-wise mean of masks given on any grids (each resampled to the
+  common frame with :func:`resize_prior`), e.g. the warped exemplar masks of every registered image;
+* :func:`ground_truth_prior`: the same from label files of a labeled set (a datalist's ``label``);
+* :func:`resize_prior`: bring a prior from the common frame onto one image's grid (or back).
+
 Example::
 
     prior = soften_masks(masks, sigma=4.0)        # (3, 256, 256) float32 in [0, 1]
     save_prior(prior, "priors/exemplar.npy")
+    pop = population_prior(warped_masks, shape=(256, 256))      # (3, 256, 256), frequencies
+    save_prior(resize_prior(pop, (512, 480)), "priors/case.npy")
 """
 
 from __future__ import annotations
@@ -21,7 +33,16 @@ from scipy import ndimage
 
 from medspan.io import atomic_write
 
-__all__ = ["soften_masks", "mean_prior", "save_prior", "load_prior"]
+__all__ = [
+    "ground_truth_prior",
+    "load_prior",
+    "mean_prior",
+    "population_prior",
+    "read_masks",
+    "resize_prior",
+    "save_prior",
+    "soften_masks",
+]
 
 
 def soften_masks(masks: np.ndarray, sigma: float | Sequence[float] = 4.0) -> np.ndarray:
@@ -74,3 +95,108 @@ def save_prior(prior: np.ndarray, path: str | os.PathLike) -> Path:
 def load_prior(path: str | os.PathLike) -> np.ndarray:
     """Load a prior saved by :func:`save_prior` as float32 (S, *spatial)."""
     return np.load(path).astype(np.float32)
+
+
+def resize_prior(prior: np.ndarray, shape: Sequence[int], order: int = 1) -> np.ndarray:
+    """Resample a (S, *spatial) prior onto another grid over the same field of view.
+
+    The image corners meet (pixel edges aligned, ``grid_mode``), as when a fixed prior is stretched
+    over an image of another size. Linear (``order=1``) by default; values stay in the input range.
+
+    Args:
+        prior: (S, *spatial) array (any real dtype; bool is read as 0/1).
+        shape: the target spatial shape (same number of dims).
+        order: spline order (0 nearest, 1 linear).
+
+    Returns:
+        (S, *shape) float32.
+
+    Example::
+
+        resize_prior(np.ones((2, 4, 4)), (8, 6)).shape     # (2, 8, 6)
+    """
+    p = np.asarray(prior, dtype=np.float32)
+    shape = tuple(int(n) for n in shape)
+    if p.ndim - 1 != len(shape):
+        raise ValueError(f"prior has {p.ndim - 1} spatial dims, shape {shape} has {len(shape)}")
+    if p.shape[1:] == shape:
+        return p.copy()
+    zoom = [n / o for n, o in zip(shape, p.shape[1:])]
+    out = np.stack([
+        ndimage.zoom(c, zoom, order=order, mode="nearest", grid_mode=True, prefilter=False) for c in p
+    ])
+    lo, hi = float(p.min(initial=0.0)), float(p.max(initial=0.0))
+    return np.clip(out, lo, hi).astype(np.float32)
+
+
+def population_prior(
+    masks: Iterable[np.ndarray], shape: Sequence[int], sigma: float | Sequence[float] = 0.0
+) -> np.ndarray:
+    """Mean of (S, *spatial_i) masks given on any grids, in the common frame ``shape``.
+
+    Each mask stack is resampled to ``shape`` by field of view (:func:`resize_prior`, linear) and the
+    stacks are averaged: the value at a voxel is the frequency of the structure there.
+
+    Returns:
+        (S, *shape) float32 in [0, 1].
+
+    Raises:
+        ValueError: no masks, or stacks with different numbers of structures.
+    """
+    total, n, n_ch = None, 0, None
+    for m in masks:
+        r = resize_prior(np.asarray(m, dtype=np.float32), shape)
+        if n_ch is not None and r.shape[0] != n_ch:
+            raise ValueError(f"mask stack {n} has {r.shape[0]} structures, the first had {n_ch}")
+        n_ch = r.shape[0]
+        total = r.astype(np.float64) if total is None else total + r
+        n += 1
+    if total is None:
+        raise ValueError("population_prior needs at least one mask stack")
+    return mean_prior([total / n], sigma=sigma)
+
+
+def read_masks(paths: Sequence[str | os.PathLike]) -> np.ndarray:
+    """Read one mask file per structure (any format of :func:`medspan.data.readers.read_image`).
+
+    Returns:
+        (S, *spatial) bool in MONAI axis order (value > 0 is inside).
+
+    Raises:
+        DataError: unreadable file, or masks of different shapes (naming the file).
+    """
+    from medspan.data.readers import read_image
+    from medspan.errors import DataError
+
+    out: list[np.ndarray] = []
+    for p in paths:
+        arr, _ = read_image(p)
+        arr = np.asarray(arr)
+        if out and arr.shape != out[0].shape:
+            raise DataError(p, f"mask shape {arr.shape} differs from {paths[0]} ({out[0].shape})")
+        out.append(arr > 0)
+    if not out:
+        raise ValueError("read_masks needs at least one path")
+    return np.stack(out)
+
+
+def ground_truth_prior(
+    label_sets: Iterable[Sequence[str | os.PathLike]], shape: Sequence[int], sigma: float | Sequence[float] = 0.0
+) -> np.ndarray:
+    """Population prior from a labeled set: the mean of its ground-truth masks in the common frame.
+
+    Args:
+        label_sets: per image, one mask path per structure (a datalist entry's ``label`` list, in
+            the order of the datalist's ``structures``).
+        shape: the common frame (e.g. the exemplar's or the training size).
+        sigma: optional blur of the mean, in voxels of ``shape``.
+
+    Returns:
+        (S, *shape) float32 in [0, 1].
+
+    Example::
+
+        entries = load_datalist("dataset.json", "validation", require=("label",))
+        prior = ground_truth_prior([e["label"] for e in entries], (256, 256))
+    """
+    return population_prior((read_masks(paths) for paths in label_sets), shape, sigma=sigma)

@@ -1,0 +1,165 @@
+"""The embedded default data of the ``smartformer_ct`` bundle: synthetic chest CTs with a 3D exemplar prior.
+
+:func:`prepare_synthetic_ct` makes (once; later calls reuse it) a set of phantom chest CTs
+(:func:`medspan.data.synthetic.write_ct_dataset`, NIfTI in HU) with organ and nodule masks, takes ONE
+training case as the expert-labeled exemplar, turns its masks into a soft prior
+(:func:`exemplar_prior`) and writes a datalist whose training entries carry ``image`` and ``prior``
+and whose validation entries carry ``image`` and ``label`` (one mask file per structure, in the order
+of ``structures``; ``nodules`` is the nodule label map, any value > 0.5 is a nodule).
+
+Prior used here (a stand-in, like ``span_cxr``'s): the exemplar's masks, Gaussian-softened, as one
+fixed prior for every image, valid because every phantom is written on the same grid (same shape,
+spacing and field of view). The atlas builder (:mod:`medspan.priors.atlas`, registration of the
+exemplar onto each scan) replaces it by writing one prior file per image: only the ``prior`` paths of
+the training entries change, the datalist format stays the same. :func:`exemplar_prior` is the one
+place that turns masks into a prior.
+
+:func:`check_ct_datalist` refuses a datalist whose top-level ``modality`` says it is not CT.
+
+Example::
+
+    path = prepare_synthetic_ct("bundles/smartformer_ct/runs/data/synthetic_ct")
+    load_datalist(path, "training", require=("image", "prior"))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medspan.errors import DataError
+
+__all__ = ["CT_VALIDATION_STRUCTURES", "check_ct_datalist", "exemplar_prior", "load_masks", "prepare_synthetic_ct"]
+
+CT_VALIDATION_STRUCTURES: tuple[str, ...] = ("left_lung", "right_lung", "heart", "nodules")
+"""Structures scored by the attention validation of the default set (``nodules``: the nodule label map)."""
+
+
+def load_masks(paths: Sequence[str | os.PathLike]) -> np.ndarray:
+    """Load NIfTI masks as one bool array (S, x, y, z) in the files' array order (MONAI's, no reorientation)."""
+    import nibabel as nib
+
+    out = []
+    for p in paths:
+        try:
+            out.append(np.asarray(nib.load(str(p)).dataobj) > 0.5)
+        except Exception as e:  # nibabel raises several types
+            raise DataError(p, f"cannot read mask: {e}") from e
+    shapes = {m.shape for m in out}
+    if len(shapes) > 1:
+        raise DataError(paths[0], f"masks have different shapes {sorted(shapes)}")
+    return np.stack(out)
+
+
+def exemplar_prior(mask_paths: Sequence[str | os.PathLike], sigma: float = 1.0) -> np.ndarray:
+    """Soft prior (S, x, y, z) float32 in [0, 1] from ONE exemplar's masks (Gaussian sigma in voxels, peak 1)."""
+    from medspan.priors.statistics import soften_masks
+
+    return soften_masks(load_masks(mask_paths), sigma=sigma)
+
+
+def check_ct_datalist(path: str | os.PathLike) -> str:
+    """Return ``path`` unchanged if its top-level ``modality`` is absent or ``CT``; DataError otherwise."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(path, f"cannot read datalist: {e}") from e
+    modality = doc.get("modality") if isinstance(doc, dict) else None
+    if modality is not None and str(modality).strip().upper() != "CT":
+        raise DataError(path, f"datalist modality is {modality!r}; smartformer_ct pretrains on CT only")
+    return str(path)
+
+
+def prepare_synthetic_ct(
+    data_dir: str | os.PathLike,
+    n_cases: int = 32,
+    n_val: int = 8,
+    shape: Sequence[int] = (72, 80, 80),
+    spacing: Sequence[float] = (5.0, 5.0, 5.0),
+    seed: int = 0,
+    structures: Sequence[str] = CT_VALIDATION_STRUCTURES,
+    prior_structures: Sequence[str] = ("left_lung", "right_lung", "heart"),
+    exemplar: int = 0,
+    mask_sigma: float = 1.0,
+    workers: int = 1,
+) -> str:
+    """Generate (or reuse) the synthetic CT set and its exemplar prior; return the datalist path.
+
+    Args:
+        data_dir: folder of the sets; each parameter set gets its own sub-folder.
+        n_cases: number of phantoms; ``n_val`` of them, spread evenly, are the validation section.
+        n_val: labeled validation cases (attention AP is measured on them).
+        shape: phantom array shape ``(nz, ny, nx)`` (:func:`~medspan.data.synthetic.synth_ct` order).
+        spacing: ``(sx, sy, sz)`` mm; the field of view is ``shape[::-1] * spacing``.
+        seed: generator seed (case i depends only on (seed, i)).
+        structures: validation label channels: names of ``CT_STRUCTURES`` or ``"nodules"``.
+        prior_structures: prior channels (organs of the exemplar).
+        exemplar: index of the training case whose masks make the prior.
+        mask_sigma: Gaussian softening of the exemplar masks, in voxels.
+        workers: generator processes.
+
+    Returns:
+        path of the datalist JSON (modality CT).
+    """
+    from medspan.data.datalist import write_datalist
+    from medspan.data.synthetic import CT_STRUCTURES, write_ct_dataset
+    from medspan.priors.statistics import save_prior
+
+    shape = tuple(int(s) for s in shape)
+    spacing = tuple(float(s) for s in spacing)
+    known = (*CT_STRUCTURES, "nodules")
+    for name in (*structures, *prior_structures):
+        if name not in known:
+            raise DataError("<structures>", f"unknown structure {name!r}; the synthetic CT set has {list(known)}")
+    if "nodules" in prior_structures:
+        raise DataError("<prior_structures>", "nodules vary per scan and cannot come from one exemplar")
+    tag = f"n{n_cases}_v{n_val}_{'x'.join(map(str, shape))}_sp{'x'.join(f'{s:g}' for s in spacing)}_seed{seed}"
+    set_dir = Path(data_dir) / tag
+    base = set_dir / "dataset.json"
+    if not base.exists():
+        write_ct_dataset(
+            set_dir,
+            n=n_cases,
+            shape=shape,
+            seed=seed,
+            fmt="nifti",
+            spacing=spacing,
+            val_fraction=n_val / n_cases,
+            workers=workers,
+        )
+    meta = json.loads(base.read_text())
+
+    def _abs(p: str) -> str:
+        return str((set_dir / p).resolve())
+
+    def _label(entry: dict, name: str) -> str:
+        return _abs(entry["nodule_label"] if name == "nodules" else entry["label"][CT_STRUCTURES.index(name)])
+
+    train, val = meta["training"], meta["validation"]
+    if not 0 <= exemplar < len(train):
+        raise DataError(base, f"exemplar index {exemplar} out of range (0..{len(train) - 1})")
+    ex = train[exemplar]
+    prior_path = set_dir / "priors" / f"exemplar_{ex['case_id']}_sigma{mask_sigma:g}_{'-'.join(prior_structures)}.npy"
+    if not prior_path.exists():
+        save_prior(exemplar_prior([_label(ex, s) for s in prior_structures], sigma=mask_sigma), prior_path)
+
+    training = [{"image": _abs(e["image"]), "prior": str(prior_path.resolve()), "case_id": e["case_id"]} for e in train]
+    validation = [
+        {"image": _abs(e["image"]), "label": [_label(e, s) for s in structures], "case_id": e["case_id"]} for e in val
+    ]
+    out = set_dir / f"smart_datalist_{'-'.join(structures)}_ex{exemplar}.json"
+    if not out.exists():
+        write_datalist(
+            out,
+            {"training": training, "validation": validation},
+            name=f"synthetic chest CT {tag} with exemplar prior",
+            modality="CT",
+            structures=list(structures),
+            prior_structures=list(prior_structures),
+            exemplar={"case_id": ex["case_id"], "image": _abs(ex["image"]), "prior": str(prior_path.resolve())},
+        )
+    return str(out)
