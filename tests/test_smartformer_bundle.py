@@ -123,13 +123,14 @@ def test_cli_end_to_end_with_mlflow_and_inference(tmp_path: Path) -> None:
     assert "AP (0-100) per structure" in proc.stdout and "left_lung" in proc.stdout
     # pictures and maps of every epoch
     assert sorted(p.name for p in (run / "previews").glob("*.png")) == ["recon_epoch=1.png", "recon_epoch=2.png"]
-    assert (run / "overlays" / "attention_epoch=2_img0_axial.png").is_file()
-    assert (run / "overlays" / "attention_epoch=2_img0_coronal.png").is_file()
+    shots = sorted(p.name for p in (run / "overlays").glob("*.png"))
+    assert shots == [f"attention_epoch={e}_{v}.png" for e in (1, 2) for v in ("axial", "coronal")]
     import nibabel as nib
 
-    maps = nib.load(run / "attention" / "maps_epoch=2_img0.nii.gz")
-    assert maps.shape == (32, 32, 32, 7)
-    assert np.allclose(np.abs(maps.affine.diagonal()[:3]), 10.0)
+    maps = nib.load(run / "attention" / "maps_epoch=2.nii.gz")  # on the stage-3 token grid: 2^3 cells of 16^3
+    assert maps.shape == (2, 2, 2, 7)
+    assert np.allclose(np.abs(maps.affine.diagonal()[:3]), 160.0)
+    assert np.allclose(np.asarray(maps.dataobj).sum(axis=(0, 1, 2)), 1.0, atol=1e-5)  # each head: a distribution
 
     from mlflow.tracking import MlflowClient
 
@@ -148,7 +149,7 @@ def test_cli_end_to_end_with_mlflow_and_inference(tmp_path: Path) -> None:
         "latest_summary.json",
         "losses.json",
         "recon_epoch=2.png",
-        "attention_epoch=2_img0_axial.png",
+        "attention_epoch=2_axial.png",
     } <= arts
 
     inf = [

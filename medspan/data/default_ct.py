@@ -76,7 +76,7 @@ def check_ct_datalist(path: str | os.PathLike) -> str:
 
 def prepare_synthetic_ct(
     data_dir: str | os.PathLike,
-    n_cases: int = 32,
+    n_cases: int = 40,
     n_val: int = 8,
     shape: Sequence[int] = (72, 80, 80),
     spacing: Sequence[float] = (5.0, 5.0, 5.0),

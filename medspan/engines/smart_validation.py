@@ -9,6 +9,9 @@
   whose per-epoch pictures suit volumes: ``attention/maps_epoch=N_img{i}.nii.gz`` (float32
   (x, y, z, H), the crop's affine) and PNG slices ``overlays/attention_epoch=N_img{i}_{axial,coronal}.png``
   (the slice where the labelled structures are largest; organ contours drawn).
+* :class:`AttentionSnapshot` -- trainer handler: every epoch, the teacher's maps of one fixed validation
+  volume: ``attention/maps_epoch=N.nii.gz`` on the stage-3 token grid (with its affine) and the PNG slices
+  ``overlays/attention_epoch=N_{axial,coronal}.png``.
 * :class:`ReconstructionPreview` -- trainer handler: per epoch ``previews/recon_epoch=N.png`` with the
   input, the teacher's input (patch dropout), the teacher's attention, the student's masked input, the
   reconstruction (visible voxels kept, masked voxels predicted) and the raw prediction; one row
@@ -39,11 +42,13 @@ from medspan.io import atomic_write
 
 __all__ = [
     "AttentionSegReport3D",
+    "AttentionSnapshot",
     "AttentionVolumeWriter",
     "ReconstructionPreview",
     "SwinCAProbe",
     "attention_to_volume",
     "best_slices",
+    "grid_affine",
     "write_attention_slices",
 ]
 
@@ -344,3 +349,109 @@ class AttentionVolumeWriter:
                 _save_maps_nifti(m, _affine(images[b]), self.output_dir / f"{names[b]}_attention.nii.gz")
             )
             self.written += write_attention_slices(img, m, None, titles[: m.shape[0]], self.output_dir / names[b])
+
+
+def grid_affine(affine: np.ndarray, factor: Sequence[float]) -> np.ndarray:
+    """Affine of a grid whose cells are ``factor`` voxels of ``affine``'s grid (cell centres, same origin corner).
+
+    Example:
+        >>> grid_affine(np.diag([2.0, 2.0, 2.0, 1.0]), (16, 16, 16))[:3, 3].tolist()   # centre of cell 0
+        [15.0, 15.0, 15.0]
+    """
+    n = len(factor)
+    scale = np.eye(n + 1)
+    for i, f in enumerate(factor):
+        scale[i, i] = float(f)
+        scale[i, n] = (float(f) - 1.0) / 2.0
+    return np.asarray(affine, dtype=float) @ scale
+
+
+class AttentionSnapshot:
+    """Trainer handler: every ``every`` epochs, the teacher's class-attention maps of one fixed validation volume.
+
+    Writes ``attention/maps_epoch=N.nii.gz`` -- float32 (gx, gy, gz, H[+1]) on the stage-3 token grid with
+    the matching affine (cell centres; a viewer overlays it on the CT) -- and
+    ``overlays/attention_epoch=N_{axial,coronal}.png`` (maps upsampled to the crop, organ contours).
+
+    Args:
+        network: the teacher (:class:`~medspan.models.swin_ca.SmartFormer` or :class:`~medspan.models.swin_ca.SwinCA`).
+        dataset: the validation dataset; item ``index`` gives ``image`` (C, x, y, z) and optionally ``label``.
+        output_dir: run folder.
+        structures: label channel names (legend).
+        head_names: ``{head: structure}`` for the titles of prior-guided heads.
+        mean_head: add the mean of the heads.
+        index: which validation item.
+        every: epochs between snapshots (the last epoch always).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        dataset: Any,
+        output_dir: str | os.PathLike,
+        structures: Sequence[str] | None = None,
+        head_names: dict | None = None,
+        mean_head: bool = True,
+        index: int = 0,
+        every: int = 1,
+        zoom: int = 2,
+    ) -> None:
+        self.probe = SwinCAProbe(network, mean_head=mean_head)
+        self.dataset = dataset
+        self.output_dir = Path(output_dir)
+        self.structures = list(structures) if structures else None
+        self.head_names = {int(k): str(v) for k, v in (head_names or {}).items()}
+        self.mean_head = bool(mean_head)
+        self.index = int(index)
+        self.every = max(1, int(every))
+        self.zoom = int(zoom)
+        self.written: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from medspan.engines.dist import is_main_rank
+
+        epoch = int(engine.state.epoch)
+        if (epoch % self.every and epoch != engine.state.max_epochs) or not is_main_rank():
+            return
+        try:
+            self.write(epoch)
+        except Exception as e:  # a picture must never stop training
+            logger.warning("attention snapshot of epoch %d failed: %s", epoch, e)
+
+    def write(self, epoch: int) -> list[Path]:
+        """Compute and write the snapshot of ``epoch``; returns the written paths."""
+        item = self.dataset[self.index]
+        image = item["image"]
+        backbone = self.probe.backbone
+        device = next(backbone.parameters()).device
+        x = torch.as_tensor(image).float()[None].to(device)
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            with torch.no_grad():
+                out = backbone.forward_features(x)
+        finally:
+            backbone.train(was_training)
+        attn = out.cls_attn.float()
+        if self.mean_head:
+            attn = torch.cat([attn, attn.mean(1, keepdim=True)], dim=1)
+        grid = out.grid
+        coarse = attn[0].reshape(attn.shape[1], *grid).cpu().numpy()
+        factor = [s / g for s, g in zip(x.shape[2:], grid)]
+        paths = [_save_maps_nifti(coarse, grid_affine(_affine(image), factor),
+                                  self.output_dir / "attention" / f"maps_epoch={epoch}.nii.gz")]
+        maps = attention_to_volume(attn.cpu(), grid, tuple(x.shape[2:]))[0].numpy()
+        n_heads = attn.shape[1] - (1 if self.mean_head else 0)
+        titles = [f"head {h}" + (f": {self.head_names[h]}" if h in self.head_names else "") for h in range(n_heads)]
+        if self.mean_head:
+            titles.append("mean of heads")
+        label = item.get("label")
+        lab = None if label is None else torch.as_tensor(label).float().numpy()
+        img = torch.as_tensor(image).float().numpy()
+        paths += write_attention_slices(img, maps, lab, titles, self.output_dir / "overlays" / f"attention_epoch={epoch}",
+                                        self.structures, self.zoom)
+        self.written += paths
+        return paths
