@@ -6,8 +6,10 @@ Two measurements, each with the variants compared side by side in the same run, 
    ``z`` (B, H, N) with gradient:
 
    * ``batched``: :class:`medspan.priors.spatial_entropy.SpatialEntropyLoss` as the bundles use it
-     (backend ``auto``: one ``scipy.ndimage.label`` call for all maps on CPU, the torch
+     (backend ``auto``: one ``cc3d.connected_components`` call for all maps on CPU, the torch
      propagation labeller elsewhere);
+   * ``batched (scipy labeller)``: the same loss with one ``scipy.ndimage.label`` call for all maps
+     (the CPU fallback when the ``connected-components-3d`` package is missing; CPU only);
    * ``batched (torch labeller)``: the same loss forced to the device-agnostic torch backend
      (what runs on a GPU), reported for information on every device;
    * ``loop (SAR-style)`` -- the **reference**: the structure of SAR's public code with scipy in
@@ -176,12 +178,16 @@ def loss_variants(cfg: LossConfig, device: torch.device) -> dict[str, Callable[[
     structure = ndimage.generate_binary_structure(nd, nd)
     auto = SpatialEntropyLoss("all", backend="auto")
     torch_backend = SpatialEntropyLoss("all", backend="torch")
-    return {
+    scipy_backend = SpatialEntropyLoss("all", backend="scipy")
+    variants = {
         "batched": lambda z: auto(z, cfg.grid),
         "batched_torch": lambda z: torch_backend(z, cfg.grid),
         "loop_sar": lambda z: loop_sar_reference(z, cfg.grid, structure),
         "loop_labels": lambda z: loop_labels_reference(z, cfg.grid, structure),
     }
+    if device.type == "cpu":
+        variants["batched_scipy"] = lambda z: scipy_backend(z, cfg.grid)
+    return variants
 
 
 def _bootstrap_ratio(num: np.ndarray, den: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float]:
@@ -320,7 +326,7 @@ def run_step(cfg: span_bench.BenchConfig, device: torch.device, amp: bool, log=p
 LOSS_HEADER = [
     "config", "device", "threads", "maps", "regions/map", "batched ms", "loop (SAR-style) ms",
     "speed-up (median)", "95% CI", "speed-up (min)", f">= {TARGET_SPEEDUP:g}x (2D)", "loop (labels only) ms",
-    "speed-up vs labels loop", "torch labeller ms", "reps", "torch", "date", "command",
+    "speed-up vs labels loop", "torch labeller ms", "scipy labeller ms", "reps", "torch", "date", "command",
 ]
 STEP_HEADER = [
     "config", "device", "threads", "SAR off s/step", "SAR on s/step", "on/off (median)", "95% CI",
@@ -346,7 +352,8 @@ def loss_rows(results: Sequence[dict], env: dict, command: str) -> list[list[str
             f"{lo:.1f}-{hi:.1f}", f"{s['speedup_min']:.1f}x",
             "-" if c["target"] is None else ("yes" if s["speedup_median"] >= c["target"] else "NO"),
             f"{med['loop_labels'] * 1e3:.3g}",
-            f"{s['speedup_vs_labels_loop']:.1f}x", f"{med['batched_torch'] * 1e3:.3g}", str(c["reps"]),
+            f"{s['speedup_vs_labels_loop']:.1f}x", f"{med['batched_torch'] * 1e3:.3g}",
+            f"{med['batched_scipy'] * 1e3:.3g}" if "batched_scipy" in med else "-", str(c["reps"]),
             env["torch"], env["date"].split(" ")[0], f"`{command}`",
         ])
     return rows
@@ -378,7 +385,10 @@ def print_report(loss_results: Sequence[dict], step_result: dict | None, env: di
         print(f"[{c['name']}] {c['maps']} maps of {'x'.join(map(str, c['grid']))}, forward + backward, "
               f"{c['reps']} reps per variant, {s['wall_s']:.0f} s")
         for name, label in (("batched", "batched (default backend)"), ("batched_torch", "batched, torch labeller"),
+                            ("batched_scipy", "batched, scipy labeller"),
                             ("loop_sar", "loop, SAR-style (reference)"), ("loop_labels", "loop, labels only")):
+            if name not in med:
+                continue
             print(f"  {label:30s} median {med[name] * 1e3:9.3f} ms  min {s['min_s'][name] * 1e3:9.3f} ms")
         print(f"  speed-up over the SAR-style loop: {s['speedup_median']:.1f}x (median; 95% CI "
               f"{lo_hi[0]:.1f}-{lo_hi[1]:.1f}), {s['speedup_min']:.1f}x (min); {verdict}; "

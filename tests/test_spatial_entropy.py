@@ -12,6 +12,7 @@ from scipy import ndimage
 from medspan.errors import DataError
 from medspan.priors.spatial_entropy import (
     SpatialEntropyLoss,
+    _label_stack,
     entropy_from_masses,
     label_components,
     region_masses,
@@ -20,7 +21,7 @@ from medspan.priors.spatial_entropy import (
 )
 
 LOG2 = math.log(2.0)
-BACKENDS = ("torch", "scipy")
+BACKENDS = ("torch", "cc3d", "scipy")
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -155,6 +156,30 @@ def test_labels_on_serpentines_spirals_and_mazes(connectivity: str) -> None:
     vol[1::4, 0, 0] = True
     vol[3::4, -1, 0] = True
     assert _check_batch(vol[None], connectivity, "3d serpentine") == 1
+
+
+@pytest.mark.parametrize("labeller", ["cc3d", "scipy"])
+@pytest.mark.parametrize("connectivity", ["full", "face"])
+def test_one_call_labelling_of_the_stack_equals_scipy_per_map(labeller: str, connectivity: str) -> None:
+    """The CPU backends label all maps in one call; each map's partition equals scipy on it alone."""
+    rng = np.random.default_rng(3)
+    for grid, count in (((14, 14), 150), ((7, 11), 50), ((1, 9), 20), ((8, 8, 8), 60), ((3, 5, 4), 40), ((2, 2, 3), 30)):
+        density = rng.random((count,) + (1,) * len(grid))
+        masks = np.concatenate([
+            rng.random((count, *grid)) < density,
+            ndimage.gaussian_filter(rng.standard_normal((count, *grid)), (0,) + (1.0,) * len(grid)) > 0,
+        ])
+        masks[0] = True  # full maps next to each other must stay apart
+        masks[1] = True
+        labels, k = _label_stack(masks, connectivity, labeller)
+        labels = labels.reshape(masks.shape)
+        st = _structure(len(grid), connectivity)
+        total = 0
+        for i, m in enumerate(masks):
+            ref, n = ndimage.label(m, st)
+            _assert_same_partition(labels[i], ref, f"{labeller}{grid}[{i}] {connectivity}")
+            total += n
+        assert k == total and sorted(np.unique(labels[labels > 0]).tolist()) == list(range(1, k + 1))
 
 
 def test_labels_do_not_cross_maps_and_handle_edge_cases() -> None:

@@ -30,11 +30,15 @@ input dtype; a map with a non-finite logit gives a NaN entropy (never a silent 0
   maps). Measured: random 14x14 and 8x8x8 maps need at most 7 iterations (the last one confirms
   the fixpoint), serpentines, spirals and 15x15 mazes 6-8, 29x29 mazes 9; plain propagation would
   need the path length (~100 for a 14x14 serpentine). Region masses are dense (M, N+1) bins.
+* ``"cc3d"`` -- CPU tensors: ONE call of ``cc3d.connected_components`` (the SAUF / decision-tree
+  labeller of the ``connected-components-3d`` package) on the M maps laid side by side along the
+  last grid axis with a zero column (2D) or zero plane (3D) between neighbours, so regions never
+  cross maps; then masses and shares on the K regions only. The fastest path on CPU (about 3x
+  faster than scipy's labelling of the same stack).
 * ``"scipy"`` -- CPU tensors: ONE ``scipy.ndimage.label`` call on the M maps stacked along a new
-  axis, with a structure that has no links along that axis (so regions never cross maps); then
-  masses and shares on the K regions only. The fastest path on CPU.
+  axis, with a structure that has no links along that axis; the rest as ``"cc3d"``.
 
-``backend="auto"`` (default) takes scipy on CPU and torch elsewhere. The per-map reference (a
+``backend="auto"`` (default) takes cc3d on CPU (scipy when cc3d is not installed) and torch elsewhere. The per-map reference (a
 Python loop of ``scipy.ndimage.label`` as in SAR's public code) is in ``benchmarks/bench_sar.py``.
 
 Example:
@@ -70,6 +74,7 @@ __all__ = [
 ]
 
 _CONNECTIVITIES = ("full", "face")
+_BACKENDS = ("auto", "torch", "cc3d", "scipy")
 
 
 def _check_grid(grid: Sequence[int]) -> tuple[int, ...]:
@@ -235,47 +240,87 @@ def _entropy_torch(d: Tensor, grid: tuple[int, ...], connectivity: str, check_ev
     return entropy_from_masses(_dense_masses(d, labels))
 
 
-class _ScipyEntropy(torch.autograd.Function):
-    """Per-map spatial entropy of CPU logits (M, N), ONE ``scipy.ndimage.label`` call for all maps.
+@functools.lru_cache(maxsize=1)
+def _have_cc3d() -> bool:
+    try:
+        import cc3d  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    The M maps are stacked along a new first axis and labelled together with a structure that has
-    no links along it, so regions never cross maps. Masses and shares are computed on the K
-    regions only. The backward pass is the closed form (research/sar.md 1.5): a token of region r
+
+def _label_stack(fg: np.ndarray, connectivity: str, labeller: str) -> tuple[np.ndarray, int]:
+    """Label M binary maps ``fg`` (M, *grid) in ONE call; return (labels (M * N,) int64, K).
+
+    Labels are 0 on the background and 1..K over the whole batch (a region never spans two maps).
+    ``labeller``: ``"cc3d"`` (maps side by side along the last grid axis, one zero column / plane
+    between neighbours) or ``"scipy"`` (maps along a new axis, a structure without links along it).
+    """
+    m, grid = fg.shape[0], fg.shape[1:]
+    nd = len(grid)
+    if labeller == "cc3d" and min(grid[:-1]) < 2:
+        labeller = "scipy"  # cc3d 4.1 mislabels arrays with a singleton axis; such grids are tiny anyway
+    if labeller == "scipy":
+        from scipy import ndimage
+
+        out = np.empty(fg.shape, dtype=np.int64)
+        k = int(ndimage.label(fg, _scipy_structure(nd, connectivity), output=out))
+        return out.reshape(-1), k
+    import cc3d
+
+    w = grid[-1]
+    side = np.zeros((*grid[:-1], m, w + 1), dtype=bool)  # (..., map, last axis + separator)
+    side[..., :w] = np.moveaxis(fg, 0, -2)
+    conn = {(2, "full"): 8, (2, "face"): 4, (3, "full"): 26, (3, "face"): 6}[(nd, connectivity)]
+    lab, k = cc3d.connected_components(side.reshape(*grid[:-1], m * (w + 1)), connectivity=conn, return_N=True)
+    out = np.empty((m, *grid), dtype=np.int64)
+    out[...] = np.moveaxis(lab.reshape(*grid[:-1], m, w + 1)[..., :w], -2, 0)  # (astype on this view is slow)
+    return out.reshape(-1), int(k)
+
+
+@functools.lru_cache(maxsize=8)
+def _owner(m: int, n: int) -> Tensor:
+    """(M * N,) int64: the map of every token of M maps of N tokens (cached: the shapes repeat every step)."""
+    return torch.arange(m).repeat_interleave(n)
+
+
+class _CPUEntropy(torch.autograd.Function):
+    """Per-map spatial entropy of CPU logits (M, N) with ONE labelling call for all maps.
+
+    The M maps are labelled together (:func:`_label_stack`: cc3d or scipy) so that regions never
+    cross maps. Masses and shares are computed on the K regions only. The backward pass is the closed form (research/sar.md 1.5): a token of region r
     of map i gets ``g_r = dL/dH_i * -(log p_r + H_i) / M_i``, background tokens 0, and every token
     of the map then loses the map's mean of those terms (the gradient through the mean threshold).
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, grid: tuple[int, ...], connectivity: str) -> Tensor:  # type: ignore[override]
-        from scipy import ndimage
-
+    def forward(ctx, z: Tensor, grid: tuple[int, ...], connectivity: str, labeller: str) -> Tensor:  # type: ignore[override]
         m, n = z.shape
-        d = z - z.mean(dim=-1, keepdim=True)
-        gid_np = np.empty((m, *grid), dtype=np.int64)
-        k = int(ndimage.label((d > 0).reshape(m, *grid).numpy(), _scipy_structure(len(grid), connectivity),
-                              output=gid_np))
-        gid = torch.from_numpy(gid_np).reshape(-1)  # 0 = background, regions 1..k over the whole batch
+        mu = z.mean(dim=-1, keepdim=True)
+        d = z - mu
+        gid_np, k = _label_stack((d > 0).reshape(m, *grid).numpy(), connectivity, labeller)
+        gid = torch.from_numpy(gid_np)  # 0 = background, regions 1..k over the whole batch
         tiny = torch.finfo(z.dtype).tiny
-        masses = torch.zeros(k + 1, dtype=z.dtype).index_add_(0, gid, torch.relu(d).reshape(-1))[1:]
-        owner = torch.arange(m).unsqueeze(1).expand(m, n).reshape(-1)  # map of every token
-        region_map = torch.zeros(k + 1, dtype=torch.long).scatter_(0, gid, owner)[1:]  # map of every region
+        # (scatter_add_ is about twice as fast as index_add_ on CPU; d is not needed after this)
+        masses = torch.zeros(k + 1, dtype=z.dtype).scatter_add_(0, gid, d.clamp_min_(0.0).reshape(-1))[1:]
+        region_map = torch.zeros(k + 1, dtype=torch.long).scatter_(0, gid, _owner(m, n))[1:]  # map of every region
         total = torch.zeros(m, dtype=z.dtype).index_add_(0, region_map, masses).clamp_min(tiny)
         p = masses / total.index_select(0, region_map)
         log_p = p.clamp_min(tiny).log()
         h = torch.zeros(m, dtype=z.dtype).index_add_(0, region_map, p * log_p).neg_()
         ctx.save_for_backward(gid, region_map, log_p, h, total)
         ctx.shape = (m, n)
-        return h + 0.0 * z.sum(dim=-1)  # NaN for a map with a non-finite logit (it has no regions)
+        return h + 0.0 * mu.squeeze(-1)  # NaN for a map with a non-finite logit (its mean is not finite)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_h: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
         gid, region_map, log_p, h, total = ctx.saved_tensors
         m, n = ctx.shape
         g_map = grad_h / total  # (M,)
         g_region = -(log_p + h.index_select(0, region_map)) * g_map.index_select(0, region_map)
         g_tok = torch.cat([g_region.new_zeros(1), g_region]).index_select(0, gid).reshape(m, n)
-        return g_tok - g_tok.mean(dim=-1, keepdim=True), None, None
+        return g_tok - g_tok.mean(dim=-1, keepdim=True), None, None, None
 
 
 def spatial_entropy(
@@ -294,11 +339,12 @@ def spatial_entropy(
         z: logits, last axis = the N = prod(grid) tokens in row-major grid order.
         grid: 2 or 3 ints.
         connectivity: ``"full"`` (8 / 26) or ``"face"`` (4 / 6).
-        backend: how the components are found, both exact and batched (no loop over maps):
+        backend: how the components are found, all exact and batched (no loop over maps):
             ``"torch"``: :func:`label_components` (propagation + hooking; CPU or GPU, no host
-            sync per map, one per convergence check); ``"scipy"``: one ``scipy.ndimage.label``
-            call on all maps stacked (CPU tensors only; the fastest on CPU); ``"auto"``: scipy on
-            CPU, torch elsewhere. Both give the same entropies (up to float rounding of sums).
+            sync per map, one per convergence check); ``"cc3d"`` / ``"scipy"``: one labelling call
+            on all maps (CPU tensors only; cc3d is the fastest on CPU); ``"auto"``: cc3d on CPU
+            (scipy without the cc3d package), torch elsewhere. All give the same entropies (up to
+            float rounding of sums).
         check_every: convergence-check interval of the torch backend.
 
     Example:
@@ -312,19 +358,21 @@ def spatial_entropy(
     n = math.prod(grid)
     if connectivity not in _CONNECTIVITIES:
         raise ValueError(f"connectivity must be one of {_CONNECTIVITIES}, got {connectivity!r}")
-    if backend not in ("auto", "torch", "scipy"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'scipy', got {backend!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if z.shape[-1] != n:
         raise DataError("attention logits", f"last axis {z.shape[-1]} does not match grid {grid} ({n} tokens)")
-    if backend == "scipy" and z.device.type != "cpu":
-        raise ValueError(f"backend 'scipy' needs CPU tensors, got {z.device}; use 'torch' or 'auto'")
+    if backend in ("cc3d", "scipy") and z.device.type != "cpu":
+        raise ValueError(f"backend {backend!r} needs CPU tensors, got {z.device}; use 'torch' or 'auto'")
     lead = tuple(z.shape[:-1])
     with torch.autocast(device_type=z.device.type, enabled=False):
         flat = z.reshape(-1, n).to(torch.promote_types(z.dtype, torch.float32))
         if flat.shape[0] == 0:
             return flat.sum(dim=-1).reshape(lead)
-        if backend == "scipy" or (backend == "auto" and z.device.type == "cpu"):
-            h = _ScipyEntropy.apply(flat, grid, connectivity)
+        if backend == "auto" and z.device.type == "cpu":
+            backend = "cc3d" if _have_cc3d() else "scipy"
+        if backend in ("cc3d", "scipy"):
+            h = _CPUEntropy.apply(flat, grid, connectivity, backend)
         else:
             d = flat - flat.mean(dim=-1, keepdim=True)
             h = _entropy_torch(d, grid, connectivity, check_every)
@@ -350,7 +398,7 @@ class SpatialEntropyLoss(nn.Module):
             head with None for free heads (as :class:`medspan.priors.attention_prior.SpanPriorLoss`).
             Only used by ``heads="free"``.
         connectivity: ``"full"`` (8 in 2D / 26 in 3D, SAR's choice) or ``"face"`` (4 / 6).
-        backend: labelling backend of :func:`spatial_entropy` (``"auto"``: scipy in one call on
+        backend: labelling backend of :func:`spatial_entropy` (``"auto"``: cc3d in one call on
             CPU, :func:`label_components` on GPU).
         check_every: convergence test interval of :func:`label_components`.
 
@@ -389,8 +437,8 @@ class SpatialEntropyLoss(nn.Module):
         if connectivity not in _CONNECTIVITIES:
             raise ValueError(f"connectivity must be one of {_CONNECTIVITIES}, got {connectivity!r}")
         self.assigned = _parse_assigned(head_to_structure)
-        if backend not in ("auto", "torch", "scipy"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'scipy', got {backend!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.connectivity = connectivity
         self.backend = backend
         self.check_every = check_every
