@@ -1,18 +1,18 @@
-"""The embedded default data of the ``smartformer_ct`` bundle: synthetic chest CTs with a 3D exemplar prior.
+"""The embedded default data of the ``smartformer_ct`` bundle: synthetic chest CTs with registered 3D priors.
 
 :func:`prepare_synthetic_ct` makes (once; later calls reuse it) a set of phantom chest CTs
 (:func:`medspan.data.synthetic.write_ct_dataset`, NIfTI in HU) with organ and nodule masks, takes ONE
-training case as the expert-labeled exemplar, turns its masks into a soft prior
-(:func:`exemplar_prior`) and writes a datalist whose training entries carry ``image`` and ``prior``
+training case as the expert-labeled exemplar, makes a soft prior per training volume from its masks
+and writes a datalist whose training entries carry ``image`` and ``prior``
 and whose validation entries carry ``image`` and ``label`` (one mask file per structure, in the order
 of ``structures``; ``nodules`` is the nodule label map, any value > 0.5 is a nodule).
 
-Prior used here (a stand-in, like ``span_cxr``'s): the exemplar's masks, Gaussian-softened, as one
-fixed prior for every image, valid because every phantom is written on the same grid (same shape,
-spacing and field of view). The atlas builder (:mod:`medspan.priors.atlas`, registration of the
-exemplar onto each scan) replaces it by writing one prior file per image: only the ``prior`` paths of
-the training entries change, the datalist format stays the same. :func:`exemplar_prior` is the one
-place that turns masks into a prior.
+Priors (``prior``): by default the exemplar is registered onto every training volume
+(:func:`medspan.data.default_sets.registered_priors`, the atlas builder of ``medspan build-priors``:
+affine + 3D demons, checked, cached), so every volume gets its own warped, softened exemplar masks.
+``"exemplar"`` uses the exemplar's softened masks as one fixed prior for every volume (valid only
+because the phantoms share one grid); ``"none"`` writes no prior (for runs without the prior loss).
+:func:`exemplar_prior` turns masks into the fixed prior.
 
 :func:`check_ct_datalist` refuses a datalist whose top-level ``modality`` says it is not CT.
 
@@ -86,8 +86,11 @@ def prepare_synthetic_ct(
     exemplar: int = 0,
     mask_sigma: float = 1.0,
     workers: int = 1,
+    prior: str = "registered",
+    prior_method: str = "default",
+    prior_workers: int = 2,
 ) -> str:
-    """Generate (or reuse) the synthetic CT set and its exemplar prior; return the datalist path.
+    """Generate (or reuse) the synthetic CT set and its priors; return the datalist path.
 
     Args:
         data_dir: folder of the sets; each parameter set gets its own sub-folder.
@@ -101,6 +104,13 @@ def prepare_synthetic_ct(
         exemplar: index of the training case whose masks make the prior.
         mask_sigma: Gaussian softening of the exemplar masks, in voxels.
         workers: generator processes.
+        prior: ``"registered"`` (the exemplar registered onto every training volume,
+            :func:`medspan.data.default_sets.registered_priors`: affine + 3D demons, cached),
+            ``"exemplar"`` (the exemplar's softened masks as one fixed prior for every volume: the
+            phantoms share one grid) or ``"none"`` (training entries without ``prior``; for runs
+            that do not use a prior, so nothing is registered).
+        prior_method: registration method for ``"registered"`` (see ``medspan build-priors``).
+        prior_workers: registration processes.
 
     Returns:
         path of the datalist JSON (modality CT).
@@ -147,16 +157,37 @@ def prepare_synthetic_ct(
     if not prior_path.exists():
         save_prior(exemplar_prior([_label(ex, s) for s in prior_structures], sigma=mask_sigma), prior_path)
 
-    training = [{"image": _abs(e["image"]), "prior": str(prior_path.resolve()), "case_id": e["case_id"]} for e in train]
+    images = [_abs(e["image"]) for e in train]
+    if prior == "registered":
+        from medspan.data.default_sets import registered_priors
+
+        atlas_dir = set_dir / f"atlas_{prior_method}_ex{exemplar}_sigma{mask_sigma:g}_{'-'.join(prior_structures)}"
+        priors = registered_priors(
+            _abs(ex["image"]), [_label(ex, s) for s in prior_structures], prior_structures, images, atlas_dir,
+            method=prior_method, sigma=mask_sigma, workers=prior_workers,
+        )
+        suffix, what = f"_reg-{prior_method}", f"priors registered from exemplar {ex['case_id']}"
+    elif prior == "exemplar":
+        priors = {img: str(prior_path.resolve()) for img in images}
+        suffix, what = "", "exemplar prior"
+    elif prior == "none":
+        priors, suffix, what = {}, "_noprior", "no prior"
+    else:
+        raise ValueError(f"prior must be 'registered', 'exemplar' or 'none', got {prior!r}")
+    training = [
+        {"image": img, "case_id": e["case_id"], **({"prior": priors[img]} if img in priors else {})}
+        for img, e in zip(images, train)
+        if prior == "none" or img in priors
+    ]
     validation = [
         {"image": _abs(e["image"]), "label": [_label(e, s) for s in structures], "case_id": e["case_id"]} for e in val
     ]
-    out = set_dir / f"smart_datalist_{'-'.join(structures)}_ex{exemplar}.json"
+    out = set_dir / f"smart_datalist_{'-'.join(structures)}_ex{exemplar}{suffix}.json"
     if not out.exists():
         write_datalist(
             out,
             {"training": training, "validation": validation},
-            name=f"synthetic chest CT {tag} with exemplar prior",
+            name=f"synthetic chest CT {tag} with {what}",
             modality="CT",
             structures=list(structures),
             prior_structures=list(prior_structures),

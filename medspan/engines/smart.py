@@ -230,6 +230,10 @@ class SmartTrainer(Trainer):
             with torch.no_grad():
                 drop = self.noise(2 * b, patch_grid, dev) if self.noise is not None else None
                 t = self.teacher(torch.cat([u, v]), token_mask=drop, mask_mode="zero", recon=False)
+            # first step only (with init_center): start each centre from the teacher's batch mean
+            self.patch_loss.prime_center(t.patch_proj.reshape(-1, t.patch_proj.shape[-1]).float())
+            self.cls_loss.prime_center(t.cls_proj.float())
+            self.global_loss.prime_center(t.global_proj.float())
             t_attn = t.features.cls_attn.float().mean(1)  # (2B, N3) head-averaged
             # 2. attention-guided (or random) masks of the student views
             s_idx = [0, 1] if self.symmetric else [0]

@@ -92,6 +92,7 @@ class DistillCE(DINOLoss):
         nepochs: int = 100,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        init_center: bool = False,
     ) -> None:
         super().__init__(
             out_dim,
@@ -103,6 +104,38 @@ class DistillCE(DINOLoss):
             student_temp=student_temp,
             center_momentum=center_momentum,
         )
+        self.init_center = bool(init_center)
+        # 0 until the first centre update (saved with the centre, so a resumed run does not re-initialise)
+        self.register_buffer("center_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: Tensor) -> None:
+        """DINO's EMA update of the centre (all-reduced under DDP); counts the updates."""
+        super().update_center(teacher_output)
+        self.center_updates += 1
+
+    @torch.no_grad()
+    def prime_center(self, teacher_output: Tensor) -> bool:
+        """With ``init_center``, before the very first update: centre = mean of ``teacher_output`` rows.
+
+        DINO starts the centre at 0, so during its first ~1 / (1 - m) steps the teacher targets keep
+        the sample-independent mean logit and every sample gets the same sharpened argmax. Over
+        thousands of steps that transient is harmless; in a run of a few hundred steps it teaches the
+        student a constant. Call this on the teacher outputs of the first step *before* the loss.
+
+        Returns:
+            True if the centre was set (first call with ``init_center``), else False (no change).
+        """
+        if not self.init_center or int(self.center_updates) > 0:
+            return False
+        m = self.center_momentum
+        self.center_momentum = 0.0
+        try:
+            super().update_center(teacher_output.detach().reshape(-1, self.out_dim).float())
+        finally:
+            self.center_momentum = m
+        self.center_updates += 1
+        return True
 
     def row_ce(self, student: Tensor, teacher: Tensor, epoch: int) -> Tensor:
         """Per-row cross-entropy (...,) in float32; no centre update."""
