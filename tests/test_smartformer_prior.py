@@ -7,27 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_smartformer_bundle import TOY as SMART_TOY
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "smartformer_ct"
 
-TOY = {
-    "hparams::data::n_cases": 6,
-    "hparams::data::n_val": 2,
-    "hparams::data::shape_zyx": [36, 40, 40],
-    "hparams::data::spacing_xyz": [10.0, 10.0, 10.0],
-    "hparams::spacing": [10.0, 10.0, 10.0],
-    "hparams::crop_size": 32,
-    "hparams::batch_size": 2,
-    "hparams::epochs": 1,
-    "hparams::warmup_epochs": 0,
-    "hparams::val_interval": 1,
-    "hparams::out_dim": 64,
-    "hparams::head_hidden_dim": 32,
-    "hparams::head_bottleneck_dim": 16,
-}
+TOY = {**SMART_TOY, "hparams::epochs": 1}  # the toy size of test_smartformer_bundle, one epoch
 
 
 def test_prepare_synthetic_ct_prior_modes(tmp_path: Path) -> None:
