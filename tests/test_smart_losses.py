@@ -100,17 +100,35 @@ def test_format_losses_table() -> None:
     assert lines[2].split()[-1] == "0.2000" and lines[3].split()[0] == "loss"
 
 
+def test_init_center_primes_the_centre_once_and_is_saved() -> None:
+    t1 = torch.tensor([[0.2, -0.4, 0.6], [0.4, 0.0, 0.2]])
+    t2 = torch.tensor([[1.0, 1.0, 1.0], [3.0, -1.0, 1.0]])
+    off = DistillCE(out_dim=3, nepochs=1, center_momentum=0.9)
+    assert off.prime_center(t1) is False and torch.equal(off.center, torch.zeros(1, 3))  # DINO: starts at 0
+    on = DistillCE(out_dim=3, nepochs=1, center_momentum=0.9, init_center=True)
+    assert on.prime_center(t1) is True
+    assert torch.allclose(on.center, torch.tensor([[0.3, -0.2, 0.4]]))  # the batch mean, not 0.1 x it
+    assert on.center_momentum == 0.9 and int(on.center_updates) == 1
+    assert on.prime_center(t2) is False  # only once
+    on.update_center(t2)  # then the ordinary EMA: 0.9 c + 0.1 mean(t2) = 0.9 c + 0.1 [2, 0, 1]
+    assert torch.allclose(on.center, torch.tensor([[0.47, -0.18, 0.46]]), atol=1e-6)
+    # the count is state: a resumed run does not re-initialise its centre
+    again = DistillCE(out_dim=3, nepochs=1, init_center=True)
+    again.load_state_dict(on.state_dict())
+    assert int(again.center_updates) == 2 and again.prime_center(t1) is False
+
+
 # ----------------------------------------------------------------------------- one trainer step by hand
 
 SIZE = (64, 32, 32)  # stage-3 grid (4, 2, 2): 16 cells; mask 0.7 -> 12 selected, 1 hint, 11 masked
 
 
-def _make(prior: bool = False, symmetric: bool = False, noise: float = 0.7):
+def _make(prior: bool = False, symmetric: bool = False, noise: float = 0.7, init_center: bool = False):
     torch.manual_seed(0)
     micro = build_swin_ca("tiny", img_size=32, embed_dim=6, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), ca_heads=2)
     student = SmartFormer(micro, out_dim=16, head_hidden_dim=16, head_bottleneck_dim=8, recon_stage=3)
     teacher = copy_teacher(student)
-    losses = [DistillCE(16, nepochs=2) for _ in range(3)]
+    losses = [DistillCE(16, nepochs=2, init_center=init_center) for _ in range(3)]
     trainer = SmartTrainer(
         "cpu",
         1,
@@ -204,6 +222,30 @@ def test_trainer_step_terms_noise_and_ema_by_hand() -> None:
     assert torch.allclose(trainer.cls_loss.center, 0.1 * t.cls_proj.mean(0, keepdim=True), atol=1e-6)
     # the preview keeps the first sample
     assert trainer.preview["mask"].shape == SIZE and torch.equal(trainer.preview["teacher_drop"], drop[0])
+
+
+def test_first_step_targets_are_centred_with_init_center() -> None:
+    trainer, batch = _make(init_center=True)
+    student0, teacher0 = copy.deepcopy(trainer.student), copy.deepcopy(trainer.teacher)
+    s_calls = []
+    _record(trainer.student, s_calls)
+    out = trainer._iteration(trainer, batch)[0]
+    u, v = batch["views"][:, 0], batch["views"][:, 1]
+    drop = PatchDropout(0.7, seed=1)(4, (32, 16, 16))
+    (s_x,), s_kw = s_calls[0]
+    with torch.no_grad():
+        t = teacher0(torch.cat([u, v]), token_mask=drop, mask_mode="zero", recon=False)
+        s = student0(s_x, token_mask=s_kw["token_mask"], mask_mode="token")
+        c_cls = t.cls_proj.mean(0, keepdim=True)  # the centre of step 1: the mean of both views' teacher rows
+        c_glob = t.global_proj.mean(0, keepdim=True)
+        aitd = _ce_rows(s.cls_proj, t.cls_proj[2:] - c_cls).mean()
+        gitd = _ce_rows(s.global_proj, t.global_proj[2:] - c_glob).mean()
+    assert out["aitd"] == pytest.approx(float(aitd), rel=1e-5)
+    assert out["gitd"] == pytest.approx(float(gitd), rel=1e-5)
+    # then the EMA update with the same rows keeps it: 0.9 * mean + 0.1 * mean
+    assert torch.allclose(trainer.cls_loss.center, c_cls, atol=1e-6)
+    assert torch.allclose(trainer.patch_loss.center, t.patch_proj.reshape(-1, 16).mean(0, keepdim=True), atol=1e-6)
+    assert int(trainer.cls_loss.center_updates) == 2
 
 
 def test_clean_teacher_and_symmetric_views() -> None:

@@ -139,6 +139,18 @@ def test_smartformer_outputs() -> None:
         SmartFormer(_tiny(), recon_stage=2)
 
 
+def test_smartformer_heads_with_batch_norm() -> None:
+    plain = SmartFormer(_tiny(), out_dim=8, head_hidden_dim=8, head_bottleneck_dim=4)
+    bn = SmartFormer(_tiny(), out_dim=8, head_hidden_dim=8, head_bottleneck_dim=4, head_use_bn=True)
+    for head in ("cls_head", "global_head", "patch_head"):  # 3 layers: a BatchNorm1d after each hidden Linear
+        assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in getattr(plain, head).modules()) == 0
+        assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in getattr(bn, head).modules()) == 2
+    # batch statistics remove what every sample shares: a constant offset of the head input changes nothing
+    bn.train()
+    x = torch.randn(3, bn.backbone.stage3_dim)
+    assert torch.allclose(bn.cls_head(x), bn.cls_head(x + 5.0), atol=1e-4)
+
+
 def test_presets_and_unknown_name() -> None:
     assert set(SWIN_CA_PRESETS) == {"small", "tiny"}
     assert SWIN_CA_PRESETS["small"]["depths"] == (2, 2, 8, 2) and SWIN_CA_PRESETS["small"]["num_heads"] == (4, 4, 8, 16)

@@ -389,6 +389,7 @@ class SmartFormer(nn.Module):
         head_bottleneck_dim: int = 256,
         head_nlayers: int = 3,
         recon_stage: int = 4,
+        head_use_bn: bool = False,
     ) -> None:
         super().__init__()
         if recon_stage not in (3, 4):
@@ -400,6 +401,7 @@ class SmartFormer(nn.Module):
             "hidden_dim": head_hidden_dim,
             "bottleneck_dim": head_bottleneck_dim,
             "nlayers": head_nlayers,
+            "use_bn": bool(head_use_bn),
         }
         self.cls_head = DINOHead(d3, **kw)
         self.global_head = DINOHead(d4, **kw)

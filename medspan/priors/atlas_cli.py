@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-map", help="the exemplar's label map (instead of --masks)")
     parser.add_argument("--names", help="label values to names for --label-map, e.g. 1:left_lung,2:right_lung")
     parser.add_argument("--exemplar-case", help="use this labeled case (case_id or training index) of --datalist as the exemplar")
-    parser.add_argument("--method", default="default", choices=["default", "demons", "bspline", "affine"],
-                        help="deformable stage after the affine (default: demons)")
+    parser.add_argument("--method", default="default", choices=["default", "demons_cc", "demons", "bspline", "affine"],
+                        help="deformable stage after the affine (default: demons_cc in 2D, demons in 3D)")
     parser.add_argument("--metric", choices=["correlation", "mattes"], default=None,
                         help="affine similarity (default: correlation in 2D, Mattes MI in 3D)")
     parser.add_argument("--exemplar-window", nargs=2, type=float, metavar=("LOW", "HIGH"),
