@@ -142,7 +142,7 @@ def run_config(config: str, method: str, n: int, workers_list: Sequence[int], qu
                 "bad": len(bad),
             })
             r = results[-1]
-            print(f"{config:7s} {r['method']:7s} workers {workers}: median {r['median']:.3f} s/reg, "
+            print(f"{config:7s} {r['method']:9s} workers {workers}: median {r['median']:.3f} s/reg, "
                   f"wall {r['wall_per_img']:.3f} s/img, {r['core_per_img']:.3f} core-s/img  {r['statuses']}", flush=True)
     return results
 
@@ -150,7 +150,7 @@ def run_config(config: str, method: str, n: int, workers_list: Sequence[int], qu
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="cxr256,cxr512,ct96,ct128", help="comma list of configs")
-    parser.add_argument("--methods", default="default", help="comma list: default, demons, bspline, affine")
+    parser.add_argument("--methods", default="default", help="comma list: default, demons_cc, demons, bspline, affine")
     parser.add_argument("--n", type=int, default=20, help="registrations per config and worker count (>= 20 for the README)")
     parser.add_argument("--workers", default="1,2", help="comma list of worker counts")
     parser.add_argument("--quick", action="store_true", help="smoke check: 64 px / 32^3 images, N=3, nothing written")
