@@ -116,9 +116,10 @@ def make_trainer(cfg: StepConfig, device: torch.device, amp: bool, seed: int = 0
         head_hidden_dim=cfg.hidden_dim,
         head_bottleneck_dim=cfg.bottleneck_dim,
         recon_stage=cfg.recon_stage,
+        head_use_bn=True,  # the bundle default
     ).to(device)
     teacher = copy_teacher(student)
-    losses = [DistillCE(cfg.out_dim, nepochs=10).to(device) for _ in range(3)]
+    losses = [DistillCE(cfg.out_dim, nepochs=10, init_center=True).to(device) for _ in range(3)]
     trainer = SmartTrainer(
         device,
         1,

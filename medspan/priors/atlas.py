@@ -92,7 +92,7 @@ def registration_settings(method: str = "default", dim: int = 2, **overrides: An
 
     ``"default"`` is ``"demons_cc"`` in 2D (diffeomorphic demons after the affine, then the
     local-correlation refinement: on the real MHH radiographs it lifts the lung Dice of the warped
-    exemplar from 0.922 to 0.932, see ``bundles/span_cxr/README.md``) and ``"demons"`` in 3D (the
+    exemplar from 0.922 to 0.931, see ``bundles/span_cxr/README.md``) and ``"demons"`` in 3D (the
     most accurate of the CT methods within the bundles' budget; ``benchmarks/README.md``). 2D:
     correlation affine, registration grid of at most 128 px. 3D: Mattes mutual information affine
     (robust to HU vs 8-bit volumes), grid of at

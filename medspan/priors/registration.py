@@ -264,7 +264,7 @@ class RegistrationSettings:
     cc_radius: int = 5
     cc_shrink: tuple[int, ...] = (2, 1)
     cc_smooth: tuple[float, ...] = (1.0, 0.0)
-    cc_iterations: int = 50
+    cc_iterations: int = 20
     cc_update_variance: float = 1.0
     cc_total_variance: float = 0.75
     cc_max_step: float = 2.0
