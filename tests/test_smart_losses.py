@@ -278,6 +278,25 @@ def test_prior_term_is_the_span_loss_of_the_student_attention() -> None:
         trainer._iteration(trainer, batch)
 
 
+def test_sar_term_is_the_spatial_entropy_of_the_student_logits() -> None:
+    """SAR on the SA branch: the term equals SpatialEntropyLoss of the student's CLS logits (stage-3 grid)."""
+    from medspan.priors.spatial_entropy import SpatialEntropyLoss
+
+    trainer, batch = _make()
+    trainer.sar_loss, trainer.sar_weight = SpatialEntropyLoss("all"), 0.25
+    student0 = copy.deepcopy(trainer.student)
+    s_calls = []
+    _record(trainer.student, s_calls)
+    out = trainer._iteration(trainer, batch)[0]
+    (s_x,), s_kw = s_calls[0]
+    with torch.no_grad():
+        s = student0(s_x, token_mask=s_kw["token_mask"], mask_mode="token")
+        want = SpatialEntropyLoss("all")(s.features.cls_logits, s.features.grid)
+    assert s.features.grid == (4, 2, 2) and out["sar"] == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+    total = out["rec"] + 0.1 * (out["ampd"] + out["aitd"] + out["gitd"]) + 0.25 * out["sar"]
+    assert out["loss"] == pytest.approx(total, rel=1e-5)
+
+
 def test_non_finite_loss_names_the_cases() -> None:
     trainer, batch = _make(noise=0.0)
     with torch.no_grad():

@@ -66,3 +66,24 @@ def test_bundle_with_prior_trains_the_assigned_heads(tmp_path: Path) -> None:
     last = final["losses"][-1]
     assert "prior" in last and np.isfinite(last["prior"]) and last["prior"] > 0
     assert final["hparams"]["prior_weight"] == 1.0
+
+
+def test_bundle_with_sar_adds_the_spatial_entropy_term(tmp_path: Path) -> None:
+    """--hparams::sar_weight > 0 (no prior): SAR on all SA-branch heads, 3D 26-connectivity, logged per term."""
+    from monai.bundle import ConfigWorkflow
+
+    from medspan.priors.spatial_entropy import SpatialEntropyLoss
+
+    ov = {"bundle_root": str(BUNDLE), "work_dir": str(tmp_path / "runs"), "progress_bar": False,
+          "mlflow_tracking": False, "hparams::sar_weight": 0.5, "hparams::sar_warmup_epochs": 0, **TOY}
+    wf = ConfigWorkflow(config_file=str(BUNDLE / "train.json"), workflow_type="train", **ov)
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train::trainer")
+    assert isinstance(trainer.sar_loss, SpatialEntropyLoss) and trainer.sar_loss.selected_heads(6) == list(range(6))
+    assert float(trainer.sar_weight[0]) == 0.5  # no warm-up: the cosine schedule starts at the base weight
+    wf.run()
+    wf.finalize()
+    final = json.loads((tmp_path / "runs" / "smartformer_ct" / "final_summary.json").read_text())
+    last = final["losses"][-1]
+    assert "sar" in last and 0.0 <= last["sar"] <= np.log(8) + 1e-6  # at most log(#cells) of the 2^3 grid
+    assert "prior" not in last

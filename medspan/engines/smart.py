@@ -61,7 +61,7 @@ __all__ = ["DEFAULT_WEIGHTS", "LOSS_TERMS", "LossTermAverager", "SmartTrainer", 
 
 logger = logging.getLogger(__name__)
 
-LOSS_TERMS: tuple[str, ...] = ("rec", "ampd", "aitd", "gitd", "prior")
+LOSS_TERMS: tuple[str, ...] = ("rec", "ampd", "aitd", "gitd", "prior", "sar")
 """Names of the loss terms in the iteration output (AMIP is ``rec``)."""
 
 DEFAULT_WEIGHTS: dict[str, float] = {"rec": 1.0, "ampd": 0.1, "aitd": 0.1, "gitd": 0.1}
@@ -90,6 +90,10 @@ class SmartTrainer(Trainer):
         weights: loss weights ``{"rec", "ampd", "aitd", "gitd"}`` (missing keys: DAGMaN's values).
         prior_loss: optional :class:`medspan.priors.attention_prior.SpanPriorLoss` on the student's
             SA-branch CLS attention (3D SPAN); ``prior_weight`` its weight (scalar or schedule).
+        sar_loss: optional :class:`medspan.priors.spatial_entropy.SpatialEntropyLoss` (SAR) on the
+            student's SA-branch CLS->token attention **logits** on the stage-3 grid (26-connectivity
+            in 3D); ``sar_weight`` its weight (scalar or per-iteration schedule, e.g.
+            :func:`~medspan.priors.spatial_entropy.sar_schedule`).
         symmetric: also train the student on the second view (roles of u and v swapped).
         clip_grad: max gradient norm (None: off).
         freeze_last_layer: epochs during which the heads' ``last_layer`` gets no update.
@@ -124,6 +128,8 @@ class SmartTrainer(Trainer):
         weights: Mapping[str, float] | None = None,
         prior_loss: nn.Module | None = None,
         prior_weight: float | Sequence[float] | np.ndarray = 0.0,
+        sar_loss: nn.Module | None = None,
+        sar_weight: float | Sequence[float] | np.ndarray = 0.0,
         symmetric: bool = False,
         clip_grad: float | None = 3.0,
         freeze_last_layer: int = 1,
@@ -158,6 +164,7 @@ class SmartTrainer(Trainer):
             raise ValueError(f"unknown loss weights {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
         self.weights = {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in (weights or {}).items()}}
         self.prior_loss, self.prior_weight = prior_loss, prior_weight
+        self.sar_loss, self.sar_weight = sar_loss, sar_weight
         self.symmetric = bool(symmetric)
         self.clip_grad = clip_grad
         self.freeze_last_layer = int(freeze_last_layer)
@@ -221,6 +228,7 @@ class SmartTrainer(Trainer):
         patch_grid, grid3 = backbone.grids(u.shape[2:])
         dev = self.state.device
         w_prior = schedule_value(self.prior_weight, it) if self.prior_loss is not None else 0.0
+        w_sar = schedule_value(self.sar_weight, it) if self.sar_loss is not None else 0.0
 
         self.student.train()
         self.teacher.train()
@@ -263,6 +271,9 @@ class SmartTrainer(Trainer):
                 priors = torch.cat([pri[:, i] for i in s_idx])
                 terms["prior"] = self.prior_loss(s.features.cls_attn.float(), priors, s.features.grid)
                 loss = loss + w_prior * terms["prior"]
+            if w_sar > 0:
+                terms["sar"] = self.sar_loss(s.features.cls_logits.float(), s.features.grid)
+                loss = loss + w_sar * terms["sar"]
 
         if not torch.isfinite(loss):
             bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
@@ -379,6 +390,7 @@ def format_losses(means: Mapping[str, float], weights: Mapping[str, float] | Non
         "aitd": "AITD SA-CLS distillation",
         "gitd": "GITD pooled-token distillation",
         "prior": "SPAN prior (SA heads)",
+        "sar": "SAR spatial entropy (SA heads)",
         "loss": "total",
     }
     rows = []
