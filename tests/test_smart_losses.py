@@ -260,15 +260,22 @@ def test_clean_teacher_and_symmetric_views() -> None:
     assert s_kw["token_mask"].shape == (4, 32, 16, 16)
 
 
-def test_prior_term_is_the_span_loss_of_the_student_attention() -> None:
-    trainer, batch = _make(prior=True)
+def _step_and_student_output(trainer, batch):
+    """Run one step; return its output and the student's forward on the step's masked input, redone
+    with the weights from before the step (what the step's losses saw)."""
     student0 = copy.deepcopy(trainer.student)
     s_calls = []
     _record(trainer.student, s_calls)
     out = trainer._iteration(trainer, batch)[0]
     (s_x,), s_kw = s_calls[0]
     with torch.no_grad():
-        s = student0(s_x, token_mask=s_kw["token_mask"], mask_mode="token")
+        return out, student0(s_x, token_mask=s_kw["token_mask"], mask_mode="token")
+
+
+def test_prior_term_is_the_span_loss_of_the_student_attention() -> None:
+    trainer, batch = _make(prior=True)
+    out, s = _step_and_student_output(trainer, batch)
+    with torch.no_grad():
         want = SpanPriorLoss({0: 0, 1: 1}, sigma=0.0)(s.features.cls_attn, batch["view_priors"][:, 0], s.features.grid)
     assert out["prior"] == pytest.approx(float(want), rel=1e-5)
     total = out["rec"] + 0.1 * (out["ampd"] + out["aitd"] + out["gitd"]) + 0.5 * out["prior"]
@@ -284,13 +291,8 @@ def test_sar_term_is_the_spatial_entropy_of_the_student_logits() -> None:
 
     trainer, batch = _make()
     trainer.sar_loss, trainer.sar_weight = SpatialEntropyLoss("all"), 0.25
-    student0 = copy.deepcopy(trainer.student)
-    s_calls = []
-    _record(trainer.student, s_calls)
-    out = trainer._iteration(trainer, batch)[0]
-    (s_x,), s_kw = s_calls[0]
+    out, s = _step_and_student_output(trainer, batch)
     with torch.no_grad():
-        s = student0(s_x, token_mask=s_kw["token_mask"], mask_mode="token")
         want = SpatialEntropyLoss("all")(s.features.cls_logits, s.features.grid)
     assert s.features.grid == (4, 2, 2) and out["sar"] == pytest.approx(float(want), rel=1e-5, abs=1e-7)
     total = out["rec"] + 0.1 * (out["ampd"] + out["aitd"] + out["gitd"]) + 0.25 * out["sar"]

@@ -610,6 +610,25 @@ def register_affine(
     return tx, {"iterations": counts[0], "stop": reg.GetOptimizerStopConditionDescription(), "metric": reg.GetMetricValue()}
 
 
+def _run_on_top(
+    reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
+    optimised: sitk.Transform, moving_mask: sitk.Image | None,
+) -> tuple[sitk.CompositeTransform, int]:
+    """Run ``reg`` (its initial transform ``optimised`` already set) after the fixed ``initial``.
+
+    Returns the composite ``initial∘optimised`` (fixed -> moving) and the iterations run.
+    """
+    reg.SetMovingInitialTransform(initial)
+    if moving_mask is not None:
+        reg.SetMetricMovingMask(moving_mask)
+    counts = _iteration_counter(reg)
+    reg.Execute(fixed, moving)
+    total = sitk.CompositeTransform(fixed.GetDimension())
+    total.AddTransform(initial)
+    total.AddTransform(optimised)
+    return total, counts[0]
+
+
 def register_bspline(
     fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, settings: RegistrationSettings,
     moving_mask: sitk.Image | None = None,
@@ -644,16 +663,9 @@ def register_bspline(
     reg.SetShrinkFactorsPerLevel(shrink)
     reg.SetSmoothingSigmasPerLevel([max(0.0, f - 1.0) for f in shrink])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    reg.SetMovingInitialTransform(initial)
     reg.SetInitialTransformAsBSpline(bsp, inPlace=True, scaleFactors=factors)
-    if moving_mask is not None:
-        reg.SetMetricMovingMask(moving_mask)
-    counts = _iteration_counter(reg)
-    reg.Execute(fixed, moving)
-    total = sitk.CompositeTransform(dim)
-    total.AddTransform(initial)
-    total.AddTransform(bsp)
-    return total, {"iterations": counts[0], "stop": reg.GetOptimizerStopConditionDescription()}
+    total, iterations = _run_on_top(reg, fixed, moving, initial, bsp, moving_mask)
+    return total, {"iterations": iterations, "stop": reg.GetOptimizerStopConditionDescription()}
 
 
 def register_demons(
@@ -745,16 +757,9 @@ def register_cc(
     reg.SetShrinkFactorsPerLevel(shrink)
     reg.SetSmoothingSigmasPerLevel(list(settings.cc_smooth[-len(shrink):]))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    reg.SetMovingInitialTransform(initial)
     reg.SetInitialTransform(disp, inPlace=True)
-    if moving_mask is not None:
-        reg.SetMetricMovingMask(moving_mask)
-    counts = _iteration_counter(reg)
-    reg.Execute(fixed, moving)
-    total = sitk.CompositeTransform(dim)
-    total.AddTransform(initial)
-    total.AddTransform(disp)
-    return total, {"iterations": counts[0], "metric": reg.GetMetricValue()}
+    total, iterations = _run_on_top(reg, fixed, moving, initial, disp, moving_mask)
+    return total, {"iterations": iterations, "metric": reg.GetMetricValue()}
 
 
 def register_demons_cc(
