@@ -25,7 +25,7 @@ Batches are dicts produced by :class:`medspan.data.multicrop.MultiCropd` and col
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from torch import nn
 
 from medspan.errors import TrainingError
 
-__all__ = ["SelfDistillationTrainer", "param_groups", "schedule_value", "loss_terms"]
+__all__ = ["SelfDistillationTrainer", "apply_schedules", "case_ids", "loss_terms", "param_groups", "schedule_value"]
 
 
 def loss_terms(keys: Sequence[str] = ("loss", "dino", "prior")) -> Callable[[Any], dict[str, float]]:
@@ -87,6 +87,43 @@ def schedule_value(schedule: float | Sequence[float] | np.ndarray | None, index:
     if n == 0:
         return default
     return float(schedule[min(index, n - 1)])
+
+
+def apply_schedules(
+    optimizer: torch.optim.Optimizer,
+    it: int,
+    lr_schedule: float | Sequence[float] | np.ndarray | None,
+    wd_schedule: float | Sequence[float] | np.ndarray | None,
+    momentum_schedule: float | Sequence[float] | np.ndarray | None,
+) -> dict[str, float]:
+    """Set iteration ``it``'s learning rate (all groups) and weight decay (groups without ``no_decay``).
+
+    Returns ``{"lr", "wd", "momentum"}`` (``lr`` / ``wd`` only when their schedule is given; the EMA
+    momentum defaults to 0.996).
+    """
+    values: dict[str, float] = {}
+    if lr_schedule is not None:
+        lr = schedule_value(lr_schedule, it)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        values["lr"] = lr
+    if wd_schedule is not None:
+        wd = schedule_value(wd_schedule, it)
+        for g in optimizer.param_groups:
+            if not g.get("no_decay", False):
+                g["weight_decay"] = wd
+        values["wd"] = wd
+    values["momentum"] = schedule_value(momentum_schedule, it, default=0.996)
+    return values
+
+
+def case_ids(batch: Mapping) -> str:
+    """The first 8 ``case_id`` of a batch, for error messages (``"unknown cases"`` without ids)."""
+    ids = batch.get("case_id")
+    if ids is None:
+        return "unknown cases"
+    ids = list(ids)
+    return ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
 
 
 class SelfDistillationTrainer(Trainer):
@@ -184,20 +221,7 @@ class SelfDistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ helpers
     def _set_schedules(self, it: int) -> dict[str, float]:
-        values: dict[str, float] = {}
-        if self.lr_schedule is not None:
-            lr = schedule_value(self.lr_schedule, it)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            values["lr"] = lr
-        if self.wd_schedule is not None:
-            wd = schedule_value(self.wd_schedule, it)
-            for g in self.optimizer.param_groups:
-                if not g.get("no_decay", False):
-                    g["weight_decay"] = wd
-            values["wd"] = wd
-        values["momentum"] = schedule_value(self.momentum_schedule, it, default=0.996)
-        return values
+        return apply_schedules(self.optimizer, it, self.lr_schedule, self.wd_schedule, self.momentum_schedule)
 
     def _views(self, batch: dict, key: str) -> list[torch.Tensor]:
         """(B, V, C, *S) -> list of V tensors (B, C, *S) on the device."""
@@ -206,13 +230,6 @@ class SelfDistillationTrainer(Trainer):
             return []
         x = torch.as_tensor(x).to(self.state.device, non_blocking=True)
         return [x[:, v] for v in range(x.shape[1])]
-
-    @staticmethod
-    def _case_ids(batch: dict) -> str:
-        ids = batch.get("case_id")
-        if ids is None:
-            return "unknown cases"
-        return ", ".join(map(str, list(ids)[:8])) + (" ..." if len(ids) > 8 else "")
 
     # ------------------------------------------------------------------ iteration
     def _iteration(self, engine: SelfDistillationTrainer, batchdata: dict[str, Any]) -> list[dict[str, float]]:
@@ -224,7 +241,7 @@ class SelfDistillationTrainer(Trainer):
         globals_ = self._views(batchdata, self.global_key)
         locals_ = self._views(batchdata, self.local_key)
         if not globals_:
-            raise TrainingError(f"batch has no '{self.global_key}' (cases: {self._case_ids(batchdata)})")
+            raise TrainingError(f"batch has no '{self.global_key}' (cases: {case_ids(batchdata)})")
 
         w_prior = schedule_value(self.prior_weight, it) if self.prior_loss is not None else 0.0
         w_sar = schedule_value(self.sar_weight, it) if self.sar_loss is not None else 0.0
@@ -248,7 +265,7 @@ class SelfDistillationTrainer(Trainer):
                 priors = self._views(batchdata, self.prior_key)
                 if not priors:
                     raise TrainingError(
-                        f"prior loss is on but batch has no '{self.prior_key}' (cases: {self._case_ids(batchdata)})"
+                        f"prior loss is on but batch has no '{self.prior_key}' (cases: {case_ids(batchdata)})"
                     )
                 prior = self.prior_loss(feats.cls_attn.float(), torch.cat(priors, 0).float(), feats.grid)
                 loss = loss + w_prior * prior
@@ -262,7 +279,7 @@ class SelfDistillationTrainer(Trainer):
             bad = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
             raise TrainingError(
                 f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} ({bad}); "
-                f"cases: {self._case_ids(batchdata)}. Training stopped; the last checkpoint written before this "
+                f"cases: {case_ids(batchdata)}. Training stopped; the last checkpoint written before this "
                 "epoch is intact."
             )
 

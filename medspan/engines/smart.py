@@ -50,7 +50,7 @@ from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from torch import nn
 
-from medspan.engines.pretrain import schedule_value
+from medspan.engines.pretrain import apply_schedules, case_ids, schedule_value
 from medspan.errors import TrainingError
 from medspan.io import write_json_atomic
 from medspan.ssl.masking import MaskingPolicy, upsample_mask
@@ -180,37 +180,16 @@ class SmartTrainer(Trainer):
 
     # ------------------------------------------------------------------ helpers
     def _set_schedules(self, it: int) -> dict[str, float]:
-        values: dict[str, float] = {}
-        if self.lr_schedule is not None:
-            lr = schedule_value(self.lr_schedule, it)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            values["lr"] = lr
-        if self.wd_schedule is not None:
-            wd = schedule_value(self.wd_schedule, it)
-            for g in self.optimizer.param_groups:
-                if not g.get("no_decay", False):
-                    g["weight_decay"] = wd
-            values["wd"] = wd
-        values["momentum"] = schedule_value(self.momentum_schedule, it, default=0.996)
-        return values
-
-    @staticmethod
-    def _case_ids(batch: Mapping) -> str:
-        ids = batch.get("case_id")
-        if ids is None:
-            return "unknown cases"
-        ids = list(ids)
-        return ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
+        return apply_schedules(self.optimizer, it, self.lr_schedule, self.wd_schedule, self.momentum_schedule)
 
     def _views(self, batch: Mapping, key: str, what: str) -> torch.Tensor:
         x = batch.get(key)
         if x is None:
-            raise TrainingError(f"batch has no '{key}' ({what}; cases: {self._case_ids(batch)})")
+            raise TrainingError(f"batch has no '{key}' ({what}; cases: {case_ids(batch)})")
         x = torch.as_tensor(x).to(self.state.device, non_blocking=True)
         if x.ndim < 4 or x.shape[1] < 2:
             raise TrainingError(
-                f"'{key}' must be (B, V>=2, C, *spatial), got {tuple(x.shape)} (cases: {self._case_ids(batch)})"
+                f"'{key}' must be (B, V>=2, C, *spatial), got {tuple(x.shape)} (cases: {case_ids(batch)})"
             )
         return x.float()
 
@@ -279,7 +258,7 @@ class SmartTrainer(Trainer):
             bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise TrainingError(
                 f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} ({bad}); "
-                f"cases: {self._case_ids(batchdata)}. Training stopped; the last checkpoint written before this "
+                f"cases: {case_ids(batchdata)}. Training stopped; the last checkpoint written before this "
                 "epoch is intact."
             )
 
