@@ -158,22 +158,13 @@ def prepare_synthetic_ct(
         save_prior(exemplar_prior([_label(ex, s) for s in prior_structures], sigma=mask_sigma), prior_path)
 
     images = [_abs(e["image"]) for e in train]
-    if prior == "registered":
-        from medspan.data.default_sets import registered_priors
+    from medspan.data.default_sets import training_priors
 
-        atlas_dir = set_dir / f"atlas_{prior_method}_ex{exemplar}_sigma{mask_sigma:g}_{'-'.join(prior_structures)}"
-        priors = registered_priors(
-            _abs(ex["image"]), [_label(ex, s) for s in prior_structures], prior_structures, images, atlas_dir,
-            method=prior_method, sigma=mask_sigma, workers=prior_workers,
-        )
-        suffix, what = f"_reg-{prior_method}", f"priors registered from exemplar {ex['case_id']}"
-    elif prior == "exemplar":
-        priors = {img: str(prior_path.resolve()) for img in images}
-        suffix, what = "", "exemplar prior"
-    elif prior == "none":
-        priors, suffix, what = {}, "_noprior", "no prior"
-    else:
-        raise ValueError(f"prior must be 'registered', 'exemplar' or 'none', got {prior!r}")
+    atlas_dir = set_dir / f"atlas_{prior_method}_ex{exemplar}_sigma{mask_sigma:g}_{'-'.join(prior_structures)}"
+    priors, suffix, what = training_priors(
+        prior, images, _abs(ex["image"]), [_label(ex, s) for s in prior_structures], prior_structures, prior_path,
+        atlas_dir, exemplar_case=ex["case_id"], method=prior_method, sigma=mask_sigma, workers=prior_workers,
+    )
     training = [
         {"image": img, "case_id": e["case_id"], **({"prior": priors[img]} if img in priors else {})}
         for img, e in zip(images, train)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from medspan.errors import DataError
 
-__all__ = ["exemplar_masks", "prepare_synthetic_cxr", "registered_priors"]
+__all__ = ["exemplar_masks", "prepare_synthetic_cxr", "registered_priors", "training_priors"]
 
 
 def exemplar_masks(mask_paths: Sequence[str | os.PathLike]) -> np.ndarray:
@@ -112,18 +112,13 @@ def prepare_synthetic_cxr(
         save_prior(soften_masks(masks, sigma=mask_sigma), prior_path)
 
     images = [_abs(e["image"]) for e in train]
-    if prior == "registered":
-        atlas_dir = set_dir / f"atlas_{prior_method}_ex{exemplar}_sigma{mask_sigma:g}_{'-'.join(structures)}"
-        priors = registered_priors(
-            _abs(ex["image"]), [_abs(ex["label"][i]) for i in idx], structures, images, atlas_dir,
-            method=prior_method, sigma=mask_sigma, workers=prior_workers,
-        )
-        suffix, what = f"_reg-{prior_method}", f"priors registered from exemplar {ex['case_id']}"
-    elif prior == "exemplar":
-        priors = {img: str(prior_path.resolve()) for img in images}
-        suffix, what = "", "exemplar prior"
-    else:
+    if prior not in ("registered", "exemplar"):
         raise ValueError(f"prior must be 'registered' or 'exemplar', got {prior!r}")
+    atlas_dir = set_dir / f"atlas_{prior_method}_ex{exemplar}_sigma{mask_sigma:g}_{'-'.join(structures)}"
+    priors, suffix, what = training_priors(
+        prior, images, _abs(ex["image"]), [_abs(ex["label"][i]) for i in idx], structures, prior_path, atlas_dir,
+        exemplar_case=ex["case_id"], method=prior_method, sigma=mask_sigma, workers=prior_workers,
+    )
 
     training = [
         {"image": img, "prior": priors[img], "case_id": e["case_id"]} for img, e in zip(images, train) if img in priors
@@ -142,6 +137,40 @@ def prepare_synthetic_cxr(
             exemplar={"case_id": ex["case_id"], "image": _abs(ex["image"]), "prior": str(prior_path.resolve())},
         )
     return str(out)
+
+
+def training_priors(
+    prior: str,
+    images: Sequence[str],
+    exemplar_image: str,
+    mask_paths: Sequence[str],
+    structures: Sequence[str],
+    fixed_prior: Path,
+    atlas_dir: Path,
+    exemplar_case: str = "exemplar",
+    method: str = "default",
+    sigma: float = 4.0,
+    workers: int = 2,
+) -> tuple[dict[str, str], str, str]:
+    """Priors of a synthetic set's training ``images`` for a ``prior`` mode (shared by the CXR and CT sets).
+
+    ``"registered"``: the exemplar (``exemplar_image`` with one mask file per structure) registered
+    onto every image by :func:`registered_priors`, cached in ``atlas_dir`` (``exemplar_case`` names
+    it in the description); ``"exemplar"``: the one
+    ``fixed_prior`` file for every image; ``"none"``: no priors.
+
+    Returns:
+        ``({image: prior path}, datalist-name suffix, description)``.
+    """
+    if prior == "registered":
+        priors = registered_priors(exemplar_image, mask_paths, structures, images, atlas_dir,
+                                   method=method, sigma=sigma, workers=workers)
+        return priors, f"_reg-{method}", f"priors registered from exemplar {exemplar_case}"
+    if prior == "exemplar":
+        return {img: str(fixed_prior.resolve()) for img in images}, "", "exemplar prior"
+    if prior == "none":
+        return {}, "_noprior", "no prior"
+    raise ValueError(f"prior must be 'registered', 'exemplar' or 'none', got {prior!r}")
 
 
 def registered_priors(
