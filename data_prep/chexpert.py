@@ -62,7 +62,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from data_prep.common import Report, add_common_arguments, finish, run_items
+from data_prep.common import (
+    Report,
+    add_common_arguments,
+    converter_main,
+    run_converter,
+    run_items,
+)
 from data_prep.cxr_common import (
     CacheSpec,
     PictureJob,
@@ -394,24 +400,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert; print the datalist path. Exit status: 0, 1 (--strict and problems), 2 (cannot start)."""
-    try:
-        path, report = convert(
-            args.root, args.out, spec_from_args(args), views=args.views, uncertain=args.uncertain,
-            uncertain_other=args.uncertain_other, per_class=_per_class(args.uncertain_for), blank=args.blank,
-            classes=args.classes, test_csv=args.test_csv, val_fraction=args.val_fraction, seed=args.seed,
-            workers=args.workers, progress=not args.quiet)
-    except (DataError, ValueError) as e:
-        print(f"{NAME}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"datalist: {path}")
-    return finish(report, strict=args.strict)
+    return run_converter(NAME, lambda: convert(
+        args.root, args.out, spec_from_args(args), views=args.views, uncertain=args.uncertain,
+        uncertain_other=args.uncertain_other, per_class=_per_class(args.uncertain_for), blank=args.blank,
+        classes=args.classes, test_csv=args.test_csv, val_fraction=args.val_fraction, seed=args.seed,
+        workers=args.workers, progress=not args.quiet), args.strict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep.chexpert --root R --out DIR [--size 320] [--uncertain ones] ...``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.chexpert", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return converter_main("data_prep.chexpert", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from medspan.errors import DataError
 from medspan.io import write_json_atomic, write_text_atomic
 
-__all__ = ["Report", "run_items", "is_done", "finish", "add_common_arguments"]
+__all__ = ["Report", "add_common_arguments", "converter_main", "finish", "is_done", "run_converter", "run_items"]
 
 T = TypeVar("T")
 
@@ -152,3 +152,39 @@ def finish(report: Report, strict: bool = False, out=sys.stdout) -> int:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items()))
     print(f"{report.name}: {counts or 'nothing done'}; {len(report.problems)} problem(s) (see {path})", file=out)
     return 1 if (strict and report.problems) else 0
+
+
+def run_converter(name: str, convert: Callable[[], Any], strict: bool = False) -> int:
+    """Run a converter's ``convert`` call the way its CLI does, and return the exit code.
+
+    A fatal input problem (:class:`~medspan.errors.DataError` or ValueError: no such root, no CSV,
+    bad option) prints ``<name>: error: <message>`` and gives 2. Otherwise ``convert()`` returns the
+    :class:`Report` or ``(datalist path, Report)`` (the path is printed), and :func:`finish` gives
+    the code: 1 only with ``strict`` and problems.
+
+    Example::
+
+        return run_converter("msd_lung", lambda: convert(args.root, args.out, workers=args.workers), args.strict)
+    """
+    try:
+        result = convert()
+    except (DataError, ValueError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(result, tuple):
+        path, result = result
+        print(f"datalist: {path}")
+    return finish(result, strict=strict)
+
+
+def converter_main(
+    module: str,
+    doc: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """The ``main`` of a converter module: parser ``python -m <module>`` described by the first line of ``doc``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or module).splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

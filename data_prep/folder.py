@@ -58,7 +58,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.common import Report, add_common_arguments, finish, is_done, run_items
+from data_prep.common import (
+    Report,
+    add_common_arguments,
+    converter_main,
+    is_done,
+    run_converter,
+    run_items,
+)
 from data_prep.ct_common import (
     DicomHeader,
     classify_header,
@@ -370,29 +377,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert and write the report; 1 only with ``--strict`` and problems, 2 on fatal errors."""
-    try:
-        report = convert(
-            args.root,
-            args.out,
-            skip_derived=args.skip_derived,
-            series_output=args.series_output,
-            verify=not args.no_verify,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            workers=args.workers,
-            progress=not args.quiet,
-        )
-    except (DataError, ValueError) as e:
-        print(f"folder: error: {e}", file=sys.stderr)
-        return 2
-    return finish(report, args.strict)
+    return run_converter("folder", lambda: convert(
+        args.root,
+        args.out,
+        skip_derived=args.skip_derived,
+        series_output=args.series_output,
+        verify=not args.no_verify,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
+    ), args.strict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep.folder --root R --out D [--skip-derived] [--workers N] [--strict]``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.folder", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return converter_main("data_prep.folder", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,7 +63,14 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import Report, add_common_arguments, finish, is_done, run_items
+from data_prep.common import (
+    Report,
+    add_common_arguments,
+    converter_main,
+    is_done,
+    run_converter,
+    run_items,
+)
 from data_prep.cxr_common import (
     CacheSpec,
     add_cache_arguments,
@@ -74,6 +81,7 @@ from data_prep.cxr_common import (
     png_shape,
     read_mask,
     resize_mask,
+    spec_from_args,
     write_cached,
     write_mask,
 )
@@ -426,24 +434,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert; print the datalist path. Exit status: 0, 1 (--strict and problems), 2 (cannot start)."""
-    try:
-        spec = CacheSpec(size=int(args.size), fit=args.fit, bits=int(args.bits))
-        path, report = convert(
-            args.root, args.out, spec, scr=args.scr, structures=args.structures,
-            test_fold=None if args.test_fold == "none" else int(args.test_fold), val_fraction=args.val_fraction,
-            seed=args.seed, exemplar=args.exemplar, sigma=args.sigma, workers=args.workers, progress=not args.quiet)
-    except (DataError, ValueError) as e:
-        print(f"{NAME}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"datalist: {path}")
-    return finish(report, strict=args.strict)
+    return run_converter(NAME, lambda: convert(
+        args.root, args.out, spec_from_args(args), scr=args.scr, structures=args.structures,
+        test_fold=None if args.test_fold == "none" else int(args.test_fold), val_fraction=args.val_fraction,
+        seed=args.seed, exemplar=args.exemplar, sigma=args.sigma, workers=args.workers, progress=not args.quiet),
+        args.strict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep.jsrt_scr --root R [--scr S] --out DIR [--size 512] [--exemplar JPCLN001]``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.jsrt_scr", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return converter_main("data_prep.jsrt_scr", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

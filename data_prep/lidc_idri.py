@@ -79,7 +79,14 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import Report, add_common_arguments, finish, is_done, run_items
+from data_prep.common import (
+    Report,
+    add_common_arguments,
+    converter_main,
+    is_done,
+    run_converter,
+    run_items,
+)
 from data_prep.ct_common import (
     crop_grid,
     read_header,
@@ -851,31 +858,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert and write the report; exit code 1 only with ``--strict`` and problems, 2 on fatal errors."""
-    try:
-        report = convert(
-            args.root,
-            args.out,
-            xml_dirs=args.xml_dir,
-            crop_size=args.crop_size,
-            crop_spacing=args.crop_spacing,
-            group_distance=args.group_distance,
-            indeterminate=args.indeterminate,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            workers=args.workers,
-            progress=not args.quiet,
-        )
-    except (DataError, ValueError) as e:
-        print(f"lidc_idri: error: {e}", file=sys.stderr)
-        return 2
-    return finish(report, args.strict)
+    return run_converter("lidc_idri", lambda: convert(
+        args.root,
+        args.out,
+        xml_dirs=args.xml_dir,
+        crop_size=args.crop_size,
+        crop_spacing=args.crop_spacing,
+        group_distance=args.group_distance,
+        indeterminate=args.indeterminate,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
+    ), args.strict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep.lidc_idri --root R --out D [--crop-size 64] [--workers N] [--strict]``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.lidc_idri", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return converter_main("data_prep.lidc_idri", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_prep.common import converter_main
 from medspan.errors import DataError
 from medspan.io import atomic_write, write_json_atomic
 
@@ -604,9 +605,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep.mhh_covid_lungs --out DIR [--root R] [--size 256] [--exemplar 0] [--sigma 4]``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.mhh_covid_lungs", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return converter_main("data_prep.mhh_covid_lungs", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

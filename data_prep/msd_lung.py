@@ -47,7 +47,14 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import Report, add_common_arguments, finish, is_done, run_items
+from data_prep.common import (
+    Report,
+    add_common_arguments,
+    converter_main,
+    is_done,
+    run_converter,
+    run_items,
+)
 from data_prep.ct_common import resample_file, write_datalist_if_changed
 from medspan.data.datalist import split_datalist
 from medspan.errors import DataError
@@ -298,28 +305,21 @@ def run(args: argparse.Namespace) -> int:
     if spacing is not None and len(spacing) not in (1, 3):
         print("msd_lung: error: --spacing takes one or three values", file=sys.stderr)
         return 2
-    try:
-        report = convert(
-            args.root,
-            args.out,
-            spacing=spacing,
-            verify=args.verify,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            workers=args.workers,
-            progress=not args.quiet,
-        )
-    except (DataError, ValueError) as e:
-        print(f"msd_lung: error: {e}", file=sys.stderr)
-        return 2
-    return finish(report, args.strict)
+    return run_converter("msd_lung", lambda: convert(
+        args.root,
+        args.out,
+        spacing=spacing,
+        verify=args.verify,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
+    ), args.strict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep.msd_lung --root Task06_Lung --out D [--spacing 1.5] [--workers N]``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.msd_lung", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return converter_main("data_prep.msd_lung", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

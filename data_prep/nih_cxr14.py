@@ -54,7 +54,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.common import Report, add_common_arguments, finish, run_items
+from data_prep.common import (
+    Report,
+    add_common_arguments,
+    converter_main,
+    run_converter,
+    run_items,
+)
 from data_prep.cxr_common import (
     CacheSpec,
     PictureJob,
@@ -438,22 +444,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert; print the datalist path. Exit status: 0, 1 (--strict and problems), 2 (cannot start)."""
-    try:
-        path, report = convert(args.root, args.out, spec_from_args(args), csv_path=args.csv,
-                               boxes=not args.no_boxes, views=args.views, val_fraction=args.val_fraction,
-                               seed=args.seed, workers=args.workers, progress=not args.quiet)
-    except (DataError, ValueError) as e:
-        print(f"{NAME}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"datalist: {path}")
-    return finish(report, strict=args.strict)
+    return run_converter(NAME, lambda: convert(
+        args.root, args.out, spec_from_args(args), csv_path=args.csv, boxes=not args.no_boxes, views=args.views,
+        val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, progress=not args.quiet), args.strict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep.nih_cxr14 --root R --out DIR [--size 512] [--workers 2] ...``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.nih_cxr14", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return converter_main("data_prep.nih_cxr14", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,7 +63,14 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import Report, add_common_arguments, finish, is_done, run_items
+from data_prep.common import (
+    Report,
+    add_common_arguments,
+    converter_main,
+    is_done,
+    run_converter,
+    run_items,
+)
 from data_prep.ct_common import (
     read_header,
     safe_name,
@@ -579,29 +586,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert and write the report; 1 only with ``--strict`` and problems, 2 on fatal errors."""
-    try:
-        report = convert(
-            args.root,
-            args.out,
-            structures=args.structures,
-            prefer=args.prefer,
-            clinical=args.clinical,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            workers=args.workers,
-            progress=not args.quiet,
-        )
-    except (DataError, ValueError) as e:
-        print(f"nsclc_radiomics: error: {e}", file=sys.stderr)
-        return 2
-    return finish(report, args.strict)
+    return run_converter("nsclc_radiomics", lambda: convert(
+        args.root,
+        args.out,
+        structures=args.structures,
+        prefer=args.prefer,
+        clinical=args.clinical,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
+    ), args.strict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep.nsclc_radiomics --root R --out D [--structures GTV-1 ...] [--workers N]``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.nsclc_radiomics", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return converter_main("data_prep.nsclc_radiomics", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,7 +62,14 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import Report, add_common_arguments, finish, is_done, run_items
+from data_prep.common import (
+    Report,
+    add_common_arguments,
+    converter_main,
+    is_done,
+    run_converter,
+    run_items,
+)
 from data_prep.cxr_common import (
     CacheSpec,
     add_cache_arguments,
@@ -73,6 +80,7 @@ from data_prep.cxr_common import (
     read_mask,
     read_picture,
     resize_mask,
+    spec_from_args,
     write_cached,
     write_mask,
 )
@@ -437,24 +445,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert; print the datalist path. Exit status: 0, 1 (--strict and problems), 2 (cannot start)."""
-    try:
-        spec = CacheSpec(size=int(args.size), fit=args.fit, bits=int(args.bits))
-        path, report = convert(args.out, spec, montgomery=args.montgomery, shenzhen=args.shenzhen,
-                               shenzhen_masks=args.shenzhen_masks, lungs=args.lungs, val_fraction=args.val_fraction,
-                               test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
-                               progress=not args.quiet)
-    except (DataError, ValueError) as e:
-        print(f"{NAME}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"datalist: {path}")
-    return finish(report, strict=args.strict)
+    return run_converter(NAME, lambda: convert(
+        args.out, spec_from_args(args), montgomery=args.montgomery, shenzhen=args.shenzhen,
+        shenzhen_masks=args.shenzhen_masks, lungs=args.lungs, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, workers=args.workers, progress=not args.quiet),
+        args.strict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep.tb_cxr --montgomery M [--shenzhen S --shenzhen-masks K] --out DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.tb_cxr", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return converter_main("data_prep.tb_cxr", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -55,7 +55,14 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import Report, add_common_arguments, finish, is_done, run_items
+from data_prep.common import (
+    Report,
+    add_common_arguments,
+    converter_main,
+    is_done,
+    run_converter,
+    run_items,
+)
 from data_prep.cxr_common import (
     CacheSpec,
     add_cache_arguments,
@@ -65,6 +72,7 @@ from data_prep.cxr_common import (
     png_shape,
     read_csv,
     scale_boxes,
+    spec_from_args,
     write_cached,
 )
 from medspan.errors import DataError
@@ -411,23 +419,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert; print the datalist path. Exit status: 0, 1 (--strict and problems), 2 (cannot start)."""
-    try:
-        spec = CacheSpec(size=int(args.size), fit=args.fit, bits=int(args.bits))
-        path, report = convert(args.root, args.out, spec, intensity=args.intensity, window=args.window,
-                               vote=args.vote, boxes=not args.no_boxes, val_fraction=args.val_fraction,
-                               seed=args.seed, workers=args.workers, progress=not args.quiet)
-    except (DataError, ValueError) as e:
-        print(f"{NAME}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"datalist: {path}")
-    return finish(report, strict=args.strict)
+    return run_converter(NAME, lambda: convert(
+        args.root, args.out, spec_from_args(args), intensity=args.intensity, window=args.window,
+        vote=args.vote, boxes=not args.no_boxes, val_fraction=args.val_fraction,
+        seed=args.seed, workers=args.workers, progress=not args.quiet),
+        args.strict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m data_prep.vindr_cxr --root R --out DIR [--size 512] [--window C W] [--vote majority]``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.vindr_cxr", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return converter_main("data_prep.vindr_cxr", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
