@@ -430,15 +430,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA was asked for but torch sees no GPU", file=sys.stderr)
+    device = span_bench.resolve_device(args.device, args.amp, args.threads)
+    if device is None:
         return 2
-    if args.amp and device.type != "cuda":
-        print("--amp needs --device cuda (the trainer ignores autocast on CPU)", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     for flag in ("reps", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             print(f"--{flag} must be >= 1", file=sys.stderr)

@@ -54,7 +54,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from _table import markdown_table, merge_rows, parse_table, read_section, update_section  # noqa: E402
-from bench_span_step import environment  # noqa: E402
+from bench_span_step import environment, resolve_device  # noqa: E402
 
 SECTION = "smartformer"
 
@@ -385,15 +385,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA was asked for but torch sees no GPU", file=sys.stderr)
+    device = resolve_device(args.device, args.amp, args.threads)
+    if device is None:
         return 2
-    if args.amp and device.type != "cuda":
-        print("--amp needs --device cuda (the trainer ignores autocast on CPU)", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     env = environment(device)
     print(
         f"bench_smartformer: {env['device_name']} ({device}), {env['threads']} threads, torch {env['torch']}, "

@@ -346,6 +346,23 @@ def write_readme(readme: Path, results: Sequence[dict], env: dict, amp: bool, co
 
 
 # ---------------------------------------------------------------------------------------------- main
+def resolve_device(name: str | None, amp: bool, threads: int | None) -> torch.device | None:
+    """The benchmark device (``name``, else CUDA when present, else CPU); sets torch's thread count.
+
+    Prints why and returns None when CUDA is asked for but absent, or ``amp`` without CUDA.
+    """
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA was asked for but torch sees no GPU", file=sys.stderr)
+        return None
+    if amp and device.type != "cuda":
+        print("--amp needs --device cuda (the trainer ignores autocast on CPU)", file=sys.stderr)
+        return None
+    if threads:
+        torch.set_num_threads(threads)
+    return device
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,15 +380,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA was asked for but torch sees no GPU", file=sys.stderr)
+    device = resolve_device(args.device, args.amp, args.threads)
+    if device is None:
         return 2
-    if args.amp and device.type != "cuda":
-        print("--amp needs --device cuda (the trainer ignores autocast on CPU)", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.steps is not None and args.steps < 1:
         print("--steps must be >= 1", file=sys.stderr)
         return 2
