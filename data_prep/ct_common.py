@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from medspan.data.datalist import write_datalist
-from medspan.data.readers import read_image
+from medspan.data.readers import has_dicom_preamble, read_image
 from medspan.errors import DataError
 from medspan.io import atomic_write
 
@@ -102,15 +102,6 @@ class DicomHeader:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _has_preamble(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -139,7 +130,7 @@ def read_header(path: str | os.PathLike) -> DicomHeader | None:
     p = Path(path)
     if not p.exists():
         raise DataError(p, "file does not exist (broken link?)")
-    preamble = _has_preamble(p)
+    preamble = has_dicom_preamble(p)
     if not preamble:
         name = p.name.lower()
         suffix = "" if "." not in name else name[name.rfind(".") :]

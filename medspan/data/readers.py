@@ -161,7 +161,8 @@ def _str(value: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _has_dicm_preamble(path: PathLike) -> bool:
+def has_dicom_preamble(path: PathLike) -> bool:
+    """True when ``path`` is a DICOM Part 10 file: 128 bytes, then ``DICM`` (read errors: False)."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -452,7 +453,7 @@ def _load_series_headers(where: str, files: list[Path]) -> tuple[list[tuple[Path
                 ignored += 1
                 continue
         except Exception as e:
-            if _has_dicm_preamble(f):
+            if has_dicom_preamble(f):
                 raise DataError(f, f"truncated or corrupt DICOM file in series ({type(e).__name__}: {e})") from e
             ignored += 1
             continue
@@ -811,7 +812,7 @@ class MedspanReader(ImageReader):
         for name in ensure_tuple(filename):
             p = Path(name)
             known = _has_suffix(p, PIL_SUFFIXES + NIFTI_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES)
-            if not (p.is_dir() or known or _has_dicm_preamble(p)):
+            if not (p.is_dir() or known or has_dicom_preamble(p)):
                 return False
         return True
 
