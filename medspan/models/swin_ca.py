@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from medspan.errors import DataError
 from medspan.models.heads import DINOHead
-from medspan.models.vit import Block
+from medspan.models.vit import Block, _as_tuple
 
 __all__ = [
     "SWIN_CA_PRESETS",
@@ -96,15 +96,6 @@ class SwinCAOutput:
     stage4: Tensor
     stage3_map: Tensor
     patch_grid: tuple[int, ...]
-
-
-def _as_tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (int(value),) * n
-    out = tuple(int(v) for v in value)
-    if len(out) != n:
-        raise ValueError(f"{name} must be an int or {n} ints, got {value!r}")
-    return out
 
 
 class SwinCA(nn.Module):
