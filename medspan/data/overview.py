@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medspan.io import atomic_write
+
 CXR_COLORS: dict[str, tuple[int, int, int]] = {
     "right_lung": (70, 150, 255),
     "left_lung": (255, 80, 80),
@@ -221,7 +223,6 @@ def run(args: argparse.Namespace) -> int:
 
     grid = render_overview(args.n_cxr, args.n_ct, args.seed, args.size, tuple(args.shape), args.tile)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(out, optimize=True)
+    atomic_write(out, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG", optimize=True), suffix=".png")
     print(f"overview: {out} ({grid.shape[1]}x{grid.shape[0]})")
     return 0
