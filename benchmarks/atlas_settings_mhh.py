@@ -1,10 +1,10 @@
 """Lung Dice of the warped exemplar masks on the real MHH radiographs, for registration settings side by side.
 
-What is scored is the production registration (:func:`medspan.priors.registration.register` with
-:func:`medspan.priors.atlas.registration_settings`, the settings ``medspan build-priors`` uses), one
+What is scored is the production registration (:func:`medspan.atlas.registration.register` with
+:func:`medspan.atlas.build.registration_settings`, the settings ``medspan build-priors`` uses), one
 exemplar registered onto every other labeled image of the MHH set, its masks warped with nearest
 neighbour and compared with each image's own left / right lung masks. Each settings variant is a
-JSON object of :class:`~medspan.priors.registration.RegistrationSettings` overrides, plus
+JSON object of :class:`~medspan.atlas.registration.RegistrationSettings` overrides, plus
 ``"method"`` (default ``"default"``) and ``"mask_dilate"`` (a moving mask: the exemplar's lungs
 dilated by this many pixels). This is how the 2D default method (``demons_cc``) and its settings
 were chosen; the table in ``bundles/span_cxr/README.md`` quotes its output.
@@ -43,7 +43,7 @@ LUNGS = ["left_lung", "right_lung"]
 
 def load_cases(datalist: Path, exemplar: str) -> tuple[dict[str, Any], list[tuple[str, list[str]]]]:
     """The exemplar (array, affine, masks) and the other labeled images with their lung mask files."""
-    from medspan.priors.atlas import _read_job, exemplar_from_datalist
+    from medspan.atlas.build import _read_job, exemplar_from_datalist
 
     ex = exemplar_from_datalist(datalist, exemplar, LUNGS)
     job = _read_job({"image": ex.image, "case_id": ex.case_id}, 2)
@@ -60,8 +60,8 @@ def load_cases(datalist: Path, exemplar: str) -> tuple[dict[str, Any], list[tupl
 def score_one(args: tuple[dict[str, Any], str, list[str], dict[str, Any]]) -> dict[str, Any]:
     """Register the exemplar onto one image with a variant; Dice of the registered and affine-only masks."""
     from medspan.data.readers import read_image
-    from medspan.priors.atlas import _read_job, dice, registration_settings
-    from medspan.priors.registration import register, to_sitk, warp_masks
+    from medspan.atlas.build import _read_job, dice, registration_settings
+    from medspan.atlas.registration import register, to_sitk, warp_masks
 
     ex, image, labels, variant = args
     variant = dict(variant)

@@ -1,11 +1,11 @@
 """Seconds per atlas registration (exemplar -> one image, masks warped, prior written), 2D and 3D.
 
 What is timed is the production code of ``medspan build-priors``:
-:func:`medspan.priors.atlas._register_one` on an image already read into memory (as
-``build_priors`` hands it to a worker): :func:`~medspan.priors.registration.register` (intensity
+:func:`medspan.atlas.build._register_one` on an image already read into memory (as
+``build_priors`` hands it to a worker): :func:`~medspan.atlas.registration.register` (intensity
 normalisation, reduction to the registration grid, centred initialisation, multi-resolution affine,
 the deformable stage, the checks: similarity, Jacobian determinant) with the settings
-:func:`~medspan.priors.atlas.registration_settings` gives, then the masks warped three times
+:func:`~medspan.atlas.build.registration_settings` gives, then the masks warped three times
 (soft, nearest, affine-only), the prior softened and saved (float16 ``.npy``), the warped masks
 (``.npz``) and the quality record written.
 
@@ -106,7 +106,7 @@ def run_config(config: str, method: str, n: int, workers_list: Sequence[int], qu
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from medspan.priors.atlas import _register_one, registration_settings
+    from medspan.atlas.build import _register_one, registration_settings
 
     ex = make_case(config, 0, quick)
     targets = [make_case(config, i, quick) for i in range(1, n + 1)]

@@ -5,7 +5,7 @@ Two measurements, each with the variants compared side by side in the same run, 
 1. **Loss forward + backward** (section ``sar`` of ``benchmarks/README.md``) on the same logits
    ``z`` (B, H, N) with gradient:
 
-   * ``batched``: :class:`medspan.priors.spatial_entropy.SpatialEntropyLoss` as the bundles use it
+   * ``batched``: :class:`medspan.losses.spatial_entropy.SpatialEntropyLoss` as the bundles use it
      (backend ``auto``: one ``cc3d.connected_components`` call for all maps on CPU, the torch
      propagation labeller elsewhere);
    * ``batched (scipy labeller)``: the same loss with one ``scipy.ndimage.label`` call for all maps
@@ -111,7 +111,7 @@ def loop_labels_reference(z: torch.Tensor, grid: Sequence[int], structure: np.nd
     """Per-map scipy labels in a Python loop, then our batched dense masses and entropy."""
     from scipy import ndimage
 
-    from medspan.priors.spatial_entropy import entropy_from_masses, region_masses
+    from medspan.losses.spatial_entropy import entropy_from_masses, region_masses
 
     b, h, n = z.shape
     zf = z.float().reshape(b * h, n)
@@ -172,7 +172,7 @@ def _sync(device: torch.device) -> None:
 def loss_variants(cfg: LossConfig, device: torch.device) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     from scipy import ndimage
 
-    from medspan.priors.spatial_entropy import SpatialEntropyLoss
+    from medspan.losses.spatial_entropy import SpatialEntropyLoss
 
     nd = len(cfg.grid)
     structure = ndimage.generate_binary_structure(nd, nd)
@@ -200,7 +200,7 @@ def _bootstrap_ratio(num: np.ndarray, den: np.ndarray, n_boot: int = 2000, seed:
 
 def run_loss_config(cfg: LossConfig, device: torch.device, log=print) -> dict:
     """Check that all variants agree, then time them round-robin (the order rotates every rep)."""
-    from medspan.priors.spatial_entropy import label_components
+    from medspan.losses.spatial_entropy import label_components
 
     z = make_logits(cfg, device)
     variants = loss_variants(cfg, device)
@@ -277,7 +277,7 @@ def step_config(quick: bool, device: torch.device, steps: int | None) -> span_be
 
 def run_step(cfg: span_bench.BenchConfig, device: torch.device, amp: bool, log=print) -> dict:
     """SPAN step with SAR off vs on (weight 0.1, all heads), interleaved ABBA BAAB ..."""
-    from medspan.priors.spatial_entropy import SpatialEntropyLoss
+    from medspan.losses.spatial_entropy import SpatialEntropyLoss
 
     batch = span_bench.make_batch(cfg)
     trainer = span_bench.make_trainer(cfg, device, batch, amp)

@@ -106,7 +106,7 @@ def make_trainer(cfg: StepConfig, device: torch.device, amp: bool, seed: int = 0
     from medspan.engines.smart import SmartTrainer
     from medspan.models.swin_ca import SmartFormer, build_swin_ca
     from medspan.ssl.masking import MaskingPolicy
-    from medspan.ssl.smart_losses import DistillCE
+    from medspan.losses.smart import DistillCE
     from medspan.ssl.teacher import PatchDropout, copy_teacher
 
     torch.manual_seed(seed)

@@ -147,8 +147,8 @@ def make_trainer(cfg: BenchConfig, device: torch.device, batch: dict, amp: bool,
     from medspan.engines.pretrain import SelfDistillationTrainer, param_groups
     from medspan.models.heads import DINOHead, MultiCropWrapper
     from medspan.models.vit import build_vit
-    from medspan.priors.attention_prior import SpanPriorLoss
-    from medspan.ssl.dino import DINOLoss
+    from medspan.losses.span import SpanPriorLoss
+    from medspan.losses.dino import DINOLoss
     from medspan.ssl.teacher import copy_teacher
 
     torch.manual_seed(seed)

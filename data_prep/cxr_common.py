@@ -318,7 +318,7 @@ def cache_picture(job: PictureJob) -> dict[str, Any]:
         ``{"image": path used by the datalist, "src_shape": (rows, cols), "out_shape": (rows, cols),
         "skipped": bool}``.
     """
-    from data_prep.common import is_done
+    from .common import is_done
 
     if not job.spec.cache:
         values, _ = read_picture(job.source)  # decoded once: corrupt files are found

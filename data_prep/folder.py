@@ -58,7 +58,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.common import (
+from .common import (
     Report,
     add_common_arguments,
     converter_main,
@@ -66,7 +66,7 @@ from data_prep.common import (
     run_converter,
     run_items,
 )
-from data_prep.ct_common import (
+from .ct_common import (
     DicomHeader,
     classify_header,
     integral_dtype,

@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import (
+from .common import (
     Report,
     add_common_arguments,
     converter_main,
@@ -71,7 +71,7 @@ from data_prep.common import (
     run_converter,
     run_items,
 )
-from data_prep.cxr_common import (
+from .cxr_common import (
     CacheSpec,
     add_cache_arguments,
     add_split_arguments,
@@ -283,8 +283,8 @@ def convert_case(job: JsrtJob) -> dict[str, Any]:
 def _write_exemplar(out_dir: Path, exemplar: str, entries: list[dict], structures: Sequence[str],
                     training: list[dict], validation: list[dict], sigma: float, spec: CacheSpec) -> Path:
     from medspan.data.datalist import write_datalist
-    from medspan.data.default_sets import exemplar_masks
-    from medspan.priors.statistics import save_prior, soften_masks
+    from medspan.recipes.cxr import exemplar_masks
+    from medspan.atlas.statistics import save_prior, soften_masks
 
     by_id = {e["case_id"]: e for e in entries}
     if exemplar not in by_id or "label" not in by_id[exemplar]:

@@ -43,7 +43,7 @@ Rules:
 
 Example::
 
-    from data_prep.mhh_covid_lungs import convert
+    from .mhh_covid_lungs import convert
     datalist = convert("../shared/data/real/mhh_covid_cxr_v7_lungs", "data/mhh_lungs", size=256)
 
     # command line, from the repository root:
@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_prep.common import converter_main
+from .common import converter_main
 from medspan.errors import DataError
 from medspan.io import atomic_write, write_json_atomic
 
@@ -487,8 +487,8 @@ def convert(
         path = convert(None, "data/mhh_lungs", size=256, exemplar="a8ac1969")
     """
     from medspan.data.datalist import write_datalist
-    from medspan.data.default_sets import exemplar_masks
-    from medspan.priors.statistics import save_prior, soften_masks
+    from medspan.recipes.cxr import exemplar_masks
+    from medspan.atlas.statistics import save_prior, soften_masks
 
     root = Path(root) if root is not None else default_root()
     if int(size) < 2:

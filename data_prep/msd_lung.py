@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import (
+from .common import (
     Report,
     add_common_arguments,
     converter_main,
@@ -55,7 +55,7 @@ from data_prep.common import (
     run_converter,
     run_items,
 )
-from data_prep.ct_common import resample_file, write_datalist_if_changed
+from .ct_common import resample_file, write_datalist_if_changed
 from medspan.data.datalist import split_datalist
 from medspan.errors import DataError
 

@@ -54,14 +54,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.common import (
+from .common import (
     Report,
     add_common_arguments,
     converter_main,
     run_converter,
     run_items,
 )
-from data_prep.cxr_common import (
+from .cxr_common import (
     CacheSpec,
     PictureJob,
     add_cache_arguments,

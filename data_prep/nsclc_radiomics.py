@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import (
+from .common import (
     Report,
     add_common_arguments,
     converter_main,
@@ -71,7 +71,7 @@ from data_prep.common import (
     run_converter,
     run_items,
 )
-from data_prep.ct_common import (
+from .ct_common import (
     read_header,
     safe_name,
     save_nifti,

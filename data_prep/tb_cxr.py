@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import (
+from .common import (
     Report,
     add_common_arguments,
     converter_main,
@@ -70,7 +70,7 @@ from data_prep.common import (
     run_converter,
     run_items,
 )
-from data_prep.cxr_common import (
+from .cxr_common import (
     CacheSpec,
     add_cache_arguments,
     centroid_col,
@@ -248,7 +248,7 @@ def _check_size(mask: np.ndarray, shape: tuple[int, int], path: str, image: str)
 
 def _lung_masks(job: TbJob, shape: tuple[int, int], out_shape: tuple[int, int]) -> tuple[dict[str, np.ndarray], dict]:
     """The output masks (bool, ``out_shape``) and report counts."""
-    from data_prep.mhh_covid_lungs import split_lungs
+    from .mhh_covid_lungs import split_lungs
 
     counts: dict[str, int] = {}
     src = {}

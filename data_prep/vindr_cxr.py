@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import (
+from .common import (
     Report,
     add_common_arguments,
     converter_main,
@@ -63,7 +63,7 @@ from data_prep.common import (
     run_converter,
     run_items,
 )
-from data_prep.cxr_common import (
+from .cxr_common import (
     CacheSpec,
     add_cache_arguments,
     add_split_arguments,

@@ -19,13 +19,13 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("medspan.data.synthetic_cli", "generate phantom chest X-rays / chest CTs with masks and a datalist"),
-    "overview": ("medspan.data.overview", "draw a grid of synthetic samples with mask overlays (PNG)"),
+    "synth": ("medspan.data.synthetic.cli", "generate phantom chest X-rays / chest CTs with masks and a datalist"),
+    "overview": ("medspan.data.synthetic.overview", "draw a grid of synthetic samples with mask overlays (PNG)"),
     "check-datalist": ("medspan.data.datalist_cli", "validate a MONAI datalist JSON (files, keys, shapes)"),
     "info": ("medspan.data.info_cli", "read an image (DICOM, series folder, PNG, NIfTI...) and print shape, spacing, range"),
-    "build-priors": ("medspan.priors.atlas_cli", "register one labeled exemplar onto every image and write per-image priors"),
-    "priors-report": ("medspan.priors.report_cli", "Dice and quality report of a build-priors folder, with an overlay PNG"),
-    "prepare": ("data_prep.cli", "convert a public dataset's own layout into MONAI datalists (medspan prepare --help)"),
+    "build-priors": ("medspan.atlas.build_cli", "register one labeled exemplar onto every image and write per-image priors"),
+    "priors-report": ("medspan.atlas.report_cli", "Dice and quality report of a build-priors folder, with an overlay PNG"),
+    "prepare": ("medspan.data_prep.cli", "convert a public dataset's own layout into MONAI datalists (medspan prepare --help)"),
 }
 
 

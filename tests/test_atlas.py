@@ -16,15 +16,15 @@ from PIL import Image
 
 from medspan.data.datalist import load_datalist
 from medspan.errors import DataError
-from medspan.priors.atlas import (
+from medspan.atlas.build import (
     build_priors,
     collect_images,
     exemplar_from_datalist,
     load_exemplar,
     registration_settings,
 )
-from medspan.priors.atlas_report import format_report, priors_report
-from medspan.priors.statistics import (
+from medspan.atlas.report import format_report, priors_report
+from medspan.atlas.statistics import (
     ground_truth_prior,
     load_prior,
     population_prior,
@@ -242,7 +242,7 @@ def test_cli_build_priors_and_report(cxr_set, tmp_path, capsys):
 
 
 def test_prepare_synthetic_cxr_uses_registered_priors(tmp_path):
-    from medspan.data.default_sets import prepare_synthetic_cxr
+    from medspan.recipes.cxr import prepare_synthetic_cxr
 
     path = prepare_synthetic_cxr(tmp_path, n_cases=6, n_val=1, size=64, mask_sigma=2.0)
     assert path.endswith("_ex0_reg-default.json")
@@ -256,7 +256,7 @@ def test_prepare_synthetic_cxr_uses_registered_priors(tmp_path):
 
 
 def test_registered_priors_on_synthetic_cts_3d_dice_and_overlay(tmp_path):
-    from medspan.data.default_sets import registered_priors
+    from medspan.recipes.cxr import registered_priors
     from medspan.data.synthetic import write_ct_dataset
 
     dl = write_ct_dataset(tmp_path / "ct", n=3, shape=(48, 48, 48), seed=0, val_fraction=0.0)
@@ -284,7 +284,7 @@ def test_registered_priors_on_synthetic_cts_3d_dice_and_overlay(tmp_path):
 @pytest.mark.skipif(not (REAL / "mhh_covid_cxr_v7_lungs" / "manifest.csv").is_file(), reason="real MHH set absent")
 def test_real_mhh_lungs_registered_onto_three_radiographs(tmp_path):
     sys.path.insert(0, str(REPO))
-    from data_prep.mhh_covid_lungs import convert, read_manifest
+    from medspan.data_prep.mhh_covid_lungs import convert, read_manifest
 
     root = REAL / "mhh_covid_cxr_v7_lungs"
     cases = read_manifest(root)[:4]
@@ -309,7 +309,7 @@ def test_real_mhh_lungs_registered_onto_three_radiographs(tmp_path):
 @pytest.mark.skipif(not (REAL / "lidc_thorax_vtkjs" / "LIDC2.vti").is_dir(), reason="real LIDC volume absent")
 def test_real_lidc_volume_synthetic_exemplar_runs_without_folding(tmp_path):
     sys.path.insert(0, str(REPO))
-    from data_prep.lidc_thorax_vtkjs import convert
+    from medspan.data_prep.lidc_thorax_vtkjs import convert
     from medspan.data.synthetic import write_ct_dataset
 
     dl = convert(REAL / "lidc_thorax_vtkjs", tmp_path / "lidc", shrink=4)  # 64 x 64 x 33

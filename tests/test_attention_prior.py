@@ -1,4 +1,4 @@
-"""Tests of the SPAN attention-prior loss (medspan.priors.attention_prior)."""
+"""Tests of the SPAN attention-prior loss (medspan.losses.span)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter
 
 from medspan.errors import DataError
 from medspan.models.vit import VisionTransformer
-from medspan.priors.attention_prior import (
+from medspan.losses.span import (
     SpanPriorLoss,
     gaussian_blur,
     pool_to_grid,
@@ -212,7 +212,7 @@ def test_gradcheck_wrt_attention_logits(mode):
      ((2, 3, 32, 32), (4, 4), 0.0)],
 )
 def test_blur_pool_matrix_form_equals_blur_then_pool(shape, grid, sigma) -> None:
-    from medspan.priors.attention_prior import blur_pool_to_grid, gaussian_blur, pool_to_grid
+    from medspan.losses.span import blur_pool_to_grid, gaussian_blur, pool_to_grid
 
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = pool_to_grid(gaussian_blur(x, sigma), grid)

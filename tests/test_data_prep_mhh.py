@@ -16,11 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# data_prep/ is a folder at the repository root, not part of the installed package
-if str(Path(__file__).resolve().parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_prep.mhh_covid_lungs import (  # noqa: E402
+from medspan.data_prep.mhh_covid_lungs import (
     STRUCTURES,
     bundle_command,
     convert,
@@ -31,9 +27,9 @@ from data_prep.mhh_covid_lungs import (  # noqa: E402
     split_lungs,
 )
 from medspan.data.datalist import load_datalist  # noqa: E402
-from medspan.data.default_sets import exemplar_masks  # noqa: E402
+from medspan.recipes.cxr import exemplar_masks  # noqa: E402
 from medspan.errors import DataError  # noqa: E402
-from medspan.priors.statistics import soften_masks  # noqa: E402
+from medspan.atlas.statistics import soften_masks  # noqa: E402
 
 REAL_ROOT = Path(__file__).resolve().parents[2] / "shared/data/real" / "mhh_covid_cxr_v7_lungs"
 needs_real = pytest.mark.skipif(not (REAL_ROOT / "manifest.csv").is_file(), reason=f"{REAL_ROOT} not present")

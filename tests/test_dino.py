@@ -10,7 +10,7 @@ import torch
 
 from medspan.models.heads import DINOHead, MultiCropWrapper
 from medspan.models.vit import VisionTransformer
-from medspan.ssl.dino import DINOLoss
+from medspan.losses.dino import DINOLoss
 from medspan.ssl.schedules import cosine_schedule
 from medspan.ssl.teacher import copy_teacher, ema_update
 

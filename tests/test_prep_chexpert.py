@@ -1,4 +1,4 @@
-"""Tests of data_prep.chexpert on a tiny fixture in CheXpert-v1.0-small's exact layout.
+"""Tests of medspan.data_prep.chexpert on a tiny fixture in CheXpert-v1.0-small's exact layout.
 
 train.csv / valid.csv have the real header (Path, Sex, Age, Frontal/Lateral, AP/PA, the 14
 observations) and real value spellings (1.0, 0.0, -1.0, blank); Path starts with the dataset
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import chexpert as cx
-from data_prep.cxr_common import CacheSpec
+from medspan.data_prep import chexpert as cx
+from medspan.data_prep.cxr_common import CacheSpec
 from medspan.data.datalist import load_datalist
 
 HEADER = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"
@@ -109,7 +109,7 @@ def test_convert_fixture_policies_views_sections(tmp_path):
         ("patient00001", "study1", "Frontal", "AP", "Male", 60)
     # cache: rows 20, cols 16, longest side -> 8: (8, 6); area means of the decoded JPEG
     src = np.asarray(Image.open(folder.parent / "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"))
-    from data_prep.cxr_common import area_resize
+    from medspan.data_prep.cxr_common import area_resize
 
     got = np.asarray(Image.open(tmp_path / "out" / "images" / "patient00001_study1_view1_frontal.png"))
     assert got.shape == (8, 6)

@@ -19,8 +19,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
-from data_prep.ct_common import save_nifti, write_ct_series
-from data_prep.folder import convert, main
+from medspan.data_prep.ct_common import save_nifti, write_ct_series
+from medspan.data_prep.folder import convert, main
 from medspan.data.datalist import load_datalist
 from medspan.data.readers import read_dicom_series
 

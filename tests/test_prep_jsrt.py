@@ -1,4 +1,4 @@
-"""Tests of data_prep.jsrt_scr on fixtures in the exact JSRT + SCR formats.
+"""Tests of medspan.data_prep.jsrt_scr on fixtures in the exact JSRT + SCR formats.
 
 JSRT ``.IMG``: 2048 x 2048, 16-bit big-endian, 12 bits used, no header (8,388,608 bytes). SCR:
 ``scratch/fold{1,2}/masks/<left lung|right lung|heart|left clavicle|right clavicle>/<id>.gif``,
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import jsrt_scr as js
-from data_prep.cxr_common import CacheSpec
+from medspan.data_prep import jsrt_scr as js
+from medspan.data_prep.cxr_common import CacheSpec
 from medspan.data.datalist import load_datalist
 from medspan.errors import DataError
 
@@ -162,8 +162,8 @@ def test_bad_files_reported_and_exemplar(tmp_path):
     assert sorted(e["case_id"] for s in ("training", "validation", "test") for e in doc[s]) == ["JPCLN001", "JPCLN002"]
     assert not (out / "masks/JPCLN001_left_clavicle.png").exists()
     # the exemplar prior: the exemplar's masks softened, (S, x, y) MONAI order
-    from medspan.data.default_sets import exemplar_masks
-    from medspan.priors.statistics import soften_masks
+    from medspan.recipes.cxr import exemplar_masks
+    from medspan.atlas.statistics import soften_masks
 
     span = json.loads((out / "span_datalist.json").read_text())
     assert span["structures"] == ["left_lung", "right_lung", "heart"]

@@ -16,8 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.ct_common import write_ct_series
-from data_prep.lidc_idri import consensus, convert, group_annotations, main, parse_lidc_xml, roi_pixels
+from medspan.data_prep.ct_common import write_ct_series
+from medspan.data_prep.lidc_idri import consensus, convert, group_annotations, main, parse_lidc_xml, roi_pixels
 from medspan.data.datalist import load_datalist
 from medspan.data.readers import read_dicom_series
 

@@ -1,4 +1,4 @@
-"""data_prep.msd_lung (MSD Task06 Lung -> datalist + resampled cache) and the resampling of ct_common.
+"""medspan.data_prep.msd_lung (MSD Task06 Lung -> datalist + resampled cache) and the resampling of ct_common.
 
 The fixture is a tiny ``Task06_Lung`` folder in the Decathlon layout (``dataset.json``,
 ``imagesTr/lung_XXX.nii.gz``, ``labelsTr/...``, ``imagesTs/...``, the tarball's ``._`` side files).
@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.ct_common import crop_grid, resample_to_spacing, sample_on_grid, save_nifti
-from data_prep.msd_lung import convert, main
+from medspan.data_prep.ct_common import crop_grid, resample_to_spacing, sample_on_grid, save_nifti
+from medspan.data_prep.msd_lung import convert, main
 from medspan.data.datalist import load_datalist
 
 AFFINE = np.array([[-1.0, 0, 0, 30.0], [0, -1.0, 0, 40.0], [0, 0, 1.0, -50.0], [0, 0, 0, 1]])

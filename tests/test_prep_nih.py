@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import nih_cxr14 as nih
-from data_prep.cxr_common import CacheSpec
+from medspan.data_prep import nih_cxr14 as nih
+from medspan.data_prep.cxr_common import CacheSpec
 from medspan.data.datalist import load_datalist
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real" / "nih_cxr14_subset"
@@ -174,11 +174,11 @@ def test_bad_input_reported_rest_converted_strict_and_rerun(tmp_path):
 
 
 def test_views_no_boxes_other_settings_refused(tmp_path, capsys):
-    from data_prep.cli import (
+    from medspan.data_prep.cli import (
         CONVERTERS,  # `medspan prepare nih-cxr14` (run end to end in test_prep_vindr.py)
     )
 
-    assert CONVERTERS["nih-cxr14"][0] == "data_prep.nih_cxr14"
+    assert CONVERTERS["nih-cxr14"][0] == ".nih_cxr14"
     root = make_nih(tmp_path / "NIH")
     out = tmp_path / "out"
     assert nih.main(["--root", str(root), "--out", str(out), "--size", "4", "--quiet", "--no-boxes",

@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as Seq
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
-from data_prep.ct_common import write_ct_series
-from data_prep.nsclc_radiomics import convert, main, norm_name
+from medspan.data_prep.ct_common import write_ct_series
+from medspan.data_prep.nsclc_radiomics import convert, main, norm_name
 from medspan.data.datalist import load_datalist
 from medspan.data.readers import read_dicom_series
 

@@ -1,4 +1,4 @@
-"""Tests of data_prep.tb_cxr on tiny fixtures in the Montgomery and Shenzhen layouts.
+"""Tests of medspan.data_prep.tb_cxr on tiny fixtures in the Montgomery and Shenzhen layouts.
 
 Montgomery: ``MontgomerySet/CXR_png/MCUCXR_0001_0.png``, ``ManualMask/{leftMask,rightMask}/``,
 ``ClinicalReadings/MCUCXR_0001_0.txt`` ("Patient's Sex: M" / "Patient's Age: 067Y" / reading).
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep import tb_cxr as tb
-from data_prep.cxr_common import CacheSpec
+from medspan.data_prep import tb_cxr as tb
+from medspan.data_prep.cxr_common import CacheSpec
 
 H, W = 32, 24  # rows, cols of the fixture images (real: 4892 x 4020 and ~3000 x 3000)
 

@@ -1,4 +1,4 @@
-"""Tests of data_prep.vindr_cxr on DICOMs written with pydicom in the VinDr-CXR release layout.
+"""Tests of medspan.data_prep.vindr_cxr on DICOMs written with pydicom in the VinDr-CXR release layout.
 
 ``train/<image_id>.dicom``, ``test/<image_id>.dicom``, ``annotations/image_labels_{train,test}.csv``
 (image_id, rad_ID, the 28 labels), ``annotations/annotations_{train,test}.csv`` (image_id, rad_id,
@@ -23,8 +23,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from data_prep import vindr_cxr as vd
-from data_prep.cxr_common import CacheSpec
+from medspan.data_prep import vindr_cxr as vd
+from medspan.data_prep.cxr_common import CacheSpec
 from medspan.cli import main as medspan_main
 
 CLASSES = [
@@ -127,11 +127,11 @@ def make_vindr(root: Path) -> Path:
 
 
 def test_cxr_converters_registered():
-    from data_prep.cli import CONVERTERS
+    from medspan.data_prep.cli import CONVERTERS
 
     assert {k: CONVERTERS[k][0] for k in ("nih-cxr14", "chexpert", "jsrt-scr", "tb-cxr", "vindr-cxr")} == {
-        "nih-cxr14": "data_prep.nih_cxr14", "chexpert": "data_prep.chexpert", "jsrt-scr": "data_prep.jsrt_scr",
-        "tb-cxr": "data_prep.tb_cxr", "vindr-cxr": "data_prep.vindr_cxr"}
+        "nih-cxr14": ".nih_cxr14", "chexpert": ".chexpert", "jsrt-scr": ".jsrt_scr",
+        "tb-cxr": ".tb_cxr", "vindr-cxr": ".vindr_cxr"}
 
 
 def test_combine_votes():

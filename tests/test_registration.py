@@ -1,4 +1,4 @@
-"""Tests of medspan.priors.registration: known transforms recovered, warping, checks, determinism."""
+"""Tests of medspan.atlas.registration: known transforms recovered, warping, checks, determinism."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medspan.priors.atlas import dice
-from medspan.priors.registration import (
+from medspan.atlas.build import dice
+from medspan.atlas.registration import (
     RegistrationSettings,
     affine_matrix,
     from_sitk,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from bundle_utils import make_workflow, toy_overrides
 
-from medspan.priors.spatial_entropy import SpatialEntropyLoss
+from medspan.losses.spatial_entropy import SpatialEntropyLoss
 
 
 @pytest.fixture
@@ -27,8 +27,8 @@ def _tiny_trainer(sar_weight: float, prior: bool):
     from medspan.engines.pretrain import SelfDistillationTrainer, param_groups
     from medspan.models.heads import DINOHead, MultiCropWrapper
     from medspan.models.vit import build_vit
-    from medspan.priors.attention_prior import SpanPriorLoss
-    from medspan.ssl.dino import DINOLoss
+    from medspan.losses.span import SpanPriorLoss
+    from medspan.losses.dino import DINOLoss
     from medspan.ssl.teacher import copy_teacher
 
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ from medspan.engines.pretrain import param_groups
 from medspan.engines.smart import SmartTrainer, format_losses
 from medspan.errors import TrainingError
 from medspan.models.swin_ca import SmartFormer, build_swin_ca
-from medspan.priors.attention_prior import SpanPriorLoss
+from medspan.losses.span import SpanPriorLoss
 from medspan.ssl.masking import MaskingPolicy, attention_guided_mask, upsample_mask
-from medspan.ssl.smart_losses import DistillCE, masked_l1
+from medspan.losses.smart import DistillCE, masked_l1
 from medspan.ssl.teacher import PatchDropout, copy_teacher
 
 
@@ -287,7 +287,7 @@ def test_prior_term_is_the_span_loss_of_the_student_attention() -> None:
 
 def test_sar_term_is_the_spatial_entropy_of_the_student_logits() -> None:
     """SAR on the SA branch: the term equals SpatialEntropyLoss of the student's CLS logits (stage-3 grid)."""
-    from medspan.priors.spatial_entropy import SpatialEntropyLoss
+    from medspan.losses.spatial_entropy import SpatialEntropyLoss
 
     trainer, batch = _make()
     trainer.sar_loss, trainer.sar_weight = SpatialEntropyLoss("all"), 0.25

@@ -252,7 +252,7 @@ def test_resume_after_interruption(tmp_path: Path) -> None:
 
 
 def _toy_set(tmp_path: Path) -> tuple[Path, dict]:
-    from medspan.data.default_ct import prepare_synthetic_ct
+    from medspan.recipes.ct import prepare_synthetic_ct
 
     path = prepare_synthetic_ct(tmp_path / "data", n_cases=4, n_val=1, shape=(36, 40, 40), spacing=(10, 10, 10))
     return Path(path), json.loads(Path(path).read_text())

@@ -19,8 +19,8 @@ TOY = {**SMART_TOY, "hparams::epochs": 1}  # the toy size of test_smartformer_bu
 
 def test_prepare_synthetic_ct_prior_modes(tmp_path: Path) -> None:
     """registered: one prior per training volume from the atlas builder; exemplar: one shared file; none: no key."""
-    from medspan.data.default_ct import prepare_synthetic_ct
-    from medspan.priors.statistics import load_prior
+    from medspan.recipes.ct import prepare_synthetic_ct
+    from medspan.atlas.statistics import load_prior
 
     kw = dict(n_cases=4, n_val=1, shape=(36, 40, 40), spacing=(10, 10, 10), prior_workers=1)
     reg_path = Path(prepare_synthetic_ct(tmp_path, prior="registered", **kw))
@@ -72,7 +72,7 @@ def test_bundle_with_sar_adds_the_spatial_entropy_term(tmp_path: Path) -> None:
     """--hparams::sar_weight > 0 (no prior): SAR on all SA-branch heads, 3D 26-connectivity, logged per term."""
     from monai.bundle import ConfigWorkflow
 
-    from medspan.priors.spatial_entropy import SpatialEntropyLoss
+    from medspan.losses.spatial_entropy import SpatialEntropyLoss
 
     ov = {"bundle_root": str(BUNDLE), "work_dir": str(tmp_path / "runs"), "progress_bar": False,
           "mlflow_tracking": False, "hparams::sar_weight": 0.5, "hparams::sar_warmup_epochs": 0, **TOY}

@@ -148,7 +148,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path) -> None:
 
 
 def _toy_datalist(tmp_path: Path) -> tuple[Path, dict]:
-    from medspan.data.default_sets import prepare_synthetic_cxr
+    from medspan.recipes.cxr import prepare_synthetic_cxr
 
     from medspan.data.datalist import load_datalist
 

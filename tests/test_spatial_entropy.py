@@ -10,7 +10,7 @@ import torch
 from scipy import ndimage
 
 from medspan.errors import DataError
-from medspan.priors.spatial_entropy import (
+from medspan.losses.spatial_entropy import (
     SpatialEntropyLoss,
     _label_stack,
     entropy_from_masses,

@@ -1,6 +1,6 @@
 """Checks that bring a per-image prior onto its image's grid before any augmentation.
 
-A prior file (``.npy`` float16, channel first, see :mod:`medspan.priors.statistics`) covers the
+A prior file (``.npy`` float16, channel first, see :mod:`medspan.atlas.statistics`) covers the
 same field of view as its image, on the same grid or a coarser one with the same aspect ratio.
 :class:`PriorToImaged` checks that, resamples the prior to the image grid (linear) when needed,
 and from then on every spatial transform moves image and prior together.

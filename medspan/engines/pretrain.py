@@ -135,12 +135,12 @@ class SelfDistillationTrainer(Trainer):
         train_data_loader: yields multi-crop batches (see module docstring).
         student: :class:`medspan.models.heads.MultiCropWrapper` (backbone + DINO head), trained.
         teacher: a copy of ``student`` updated by EMA only.
-        dino_loss: :class:`medspan.ssl.dino.DINOLoss` (its centre is part of the state to checkpoint).
+        dino_loss: :class:`medspan.losses.dino.DINOLoss` (its centre is part of the state to checkpoint).
         optimizer: optimizer over ``param_groups(student)``.
         lr_schedule: per-iteration learning rate (array of ``max_epochs * len(loader)``) or a constant.
         wd_schedule: per-iteration weight decay for the decayed group, or a constant / None (unchanged).
         momentum_schedule: per-iteration EMA momentum of the teacher (e.g. cosine 0.996 -> 1).
-        prior_loss: :class:`medspan.priors.attention_prior.SpanPriorLoss` or None (plain DINO).
+        prior_loss: :class:`medspan.losses.span.SpanPriorLoss` or None (plain DINO).
         prior_weight: weight of the prior loss; scalar or per-iteration schedule. 0 disables it.
         sar_loss: optional spatial-entropy loss called as ``sar_loss(cls_logits, grid)``.
         sar_weight: its weight (scalar or schedule).

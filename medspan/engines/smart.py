@@ -10,7 +10,7 @@
 2. **attention-guided mask** on the stage-3 grid from the teacher's head-averaged CLS attention on û
    (:class:`~medspan.ssl.masking.MaskingPolicy`: top ``ratio`` cells, ``hint`` of them visible), mapped to
    the input patch grid; the student sees ũ (masked patch embeddings replaced by its mask token);
-3. **losses** (:mod:`medspan.ssl.smart_losses`): ``w_rec * L1(masked voxels of u)`` + ``w_ampd *``
+3. **losses** (:mod:`medspan.losses.smart`): ``w_rec * L1(masked voxels of u)`` + ``w_ampd *``
    masked patch-token distillation teacher(û) -> student(ũ) + ``w_aitd *`` SA-CLS distillation
    teacher(v̂) -> student(ũ) + ``w_gitd *`` pooled stage-4 distillation teacher(v̂) -> student(ũ)
    [+ ``w_prior *`` SPAN prior on the student's SA heads (3D priors cropped with the views)];
@@ -54,7 +54,7 @@ from medspan.engines.pretrain import apply_schedules, case_ids, schedule_value
 from medspan.errors import TrainingError
 from medspan.io import write_json_atomic
 from medspan.ssl.masking import MaskingPolicy, upsample_mask
-from medspan.ssl.smart_losses import DistillCE, masked_l1
+from medspan.losses.smart import DistillCE, masked_l1
 from medspan.ssl.teacher import PatchDropout, ema_update
 
 __all__ = ["DEFAULT_WEIGHTS", "LOSS_TERMS", "LossTermAverager", "SmartTrainer", "finish_smart", "format_losses"]
@@ -82,18 +82,18 @@ class SmartTrainer(Trainer):
         student: :class:`medspan.models.swin_ca.SmartFormer`, trained (may be DDP-wrapped).
         teacher: a copy of the student (:func:`medspan.ssl.teacher.copy_teacher`), moved by EMA only.
         optimizer: optimizer over ``param_groups(student)``.
-        patch_loss, cls_loss, global_loss: :class:`~medspan.ssl.smart_losses.DistillCE` of AMPD,
+        patch_loss, cls_loss, global_loss: :class:`~medspan.losses.smart.DistillCE` of AMPD,
             AITD and GITD (their centres are state to checkpoint).
         masking: how the student's stage-3 mask is chosen (``"attention"`` or ``"random"``).
         noise: the teacher's patch dropout (None or ratio 0: a clean teacher).
         lr_schedule, wd_schedule, momentum_schedule: per-iteration schedules (arrays) or constants.
         weights: loss weights ``{"rec", "ampd", "aitd", "gitd"}`` (missing keys: DAGMaN's values).
-        prior_loss: optional :class:`medspan.priors.attention_prior.SpanPriorLoss` on the student's
+        prior_loss: optional :class:`medspan.losses.span.SpanPriorLoss` on the student's
             SA-branch CLS attention (3D SPAN); ``prior_weight`` its weight (scalar or schedule).
-        sar_loss: optional :class:`medspan.priors.spatial_entropy.SpatialEntropyLoss` (SAR) on the
+        sar_loss: optional :class:`medspan.losses.spatial_entropy.SpatialEntropyLoss` (SAR) on the
             student's SA-branch CLS->token attention **logits** on the stage-3 grid (26-connectivity
             in 3D); ``sar_weight`` its weight (scalar or per-iteration schedule, e.g.
-            :func:`~medspan.priors.spatial_entropy.sar_schedule`).
+            :func:`~medspan.losses.spatial_entropy.sar_schedule`).
         symmetric: also train the student on the second view (roles of u and v swapped).
         clip_grad: max gradient norm (None: off).
         freeze_last_layer: epochs during which the heads' ``last_layer`` gets no update.

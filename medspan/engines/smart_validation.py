@@ -336,7 +336,7 @@ class AttentionVolumeWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from medspan.engines.inference import AttentionMapWriter
+        from medspan.inference.writers import AttentionMapWriter
 
         out = engine.state.output
         images, maps = out["image"], out["pred"]

@@ -20,7 +20,7 @@ Token order: patches are flattened in row-major order of the input's spatial axe
 order they are given. For a 2D input (B, C, X, Y) with patch grid (gx, gy) the patch at grid
 position (i, j) is token ``i * gy + j`` (``1 + i * gy + j`` counting the CLS token). 3D is the
 same with ``(i * gy + j) * gz + k``. Priors given in the same array axes as the image (see
-:mod:`medspan.priors.attention_prior`) therefore line up token by token.
+:mod:`medspan.losses.span`) therefore line up token by token.
 
 Example:
     >>> import torch

@@ -8,7 +8,7 @@ and whose validation entries carry ``image`` and ``label`` (one mask file per st
 of ``structures``; ``nodules`` is the nodule label map, any value > 0.5 is a nodule).
 
 Priors (``prior``): by default the exemplar is registered onto every training volume
-(:func:`medspan.data.default_sets.registered_priors`, the atlas builder of ``medspan build-priors``:
+(:func:`medspan.recipes.cxr.registered_priors`, the atlas builder of ``medspan build-priors``:
 affine + 3D demons, checked, cached), so every volume gets its own warped, softened exemplar masks.
 ``"exemplar"`` uses the exemplar's softened masks as one fixed prior for every volume (valid only
 because the phantoms share one grid); ``"none"`` writes no prior (for runs without the prior loss).
@@ -57,7 +57,7 @@ def load_masks(paths: Sequence[str | os.PathLike]) -> np.ndarray:
 
 def exemplar_prior(mask_paths: Sequence[str | os.PathLike], sigma: float = 1.0) -> np.ndarray:
     """Soft prior (S, x, y, z) float32 in [0, 1] from ONE exemplar's masks (Gaussian sigma in voxels, peak 1)."""
-    from medspan.priors.statistics import soften_masks
+    from medspan.atlas.statistics import soften_masks
 
     return soften_masks(load_masks(mask_paths), sigma=sigma)
 
@@ -105,7 +105,7 @@ def prepare_synthetic_ct(
         mask_sigma: Gaussian softening of the exemplar masks, in voxels.
         workers: generator processes.
         prior: ``"registered"`` (the exemplar registered onto every training volume,
-            :func:`medspan.data.default_sets.registered_priors`: affine + 3D demons, cached),
+            :func:`medspan.recipes.cxr.registered_priors`: affine + 3D demons, cached),
             ``"exemplar"`` (the exemplar's softened masks as one fixed prior for every volume: the
             phantoms share one grid) or ``"none"`` (training entries without ``prior``; for runs
             that do not use a prior, so nothing is registered).
@@ -117,7 +117,7 @@ def prepare_synthetic_ct(
     """
     from medspan.data.datalist import write_datalist
     from medspan.data.synthetic import CT_STRUCTURES, write_ct_dataset
-    from medspan.priors.statistics import save_prior
+    from medspan.atlas.statistics import save_prior
 
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
@@ -158,7 +158,7 @@ def prepare_synthetic_ct(
         save_prior(exemplar_prior([_label(ex, s) for s in prior_structures], sigma=mask_sigma), prior_path)
 
     images = [_abs(e["image"]) for e in train]
-    from medspan.data.default_sets import training_priors
+    from medspan.recipes.cxr import training_priors
 
     atlas_dir = set_dir / f"atlas_{prior_method}_ex{exemplar}_sigma{mask_sigma:g}_{'-'.join(prior_structures)}"
     priors, suffix, what = training_priors(

@@ -3,7 +3,7 @@
 Prints the status counts, the Jacobian check, the time per registration and, where the datalist
 has ground truth, Dice per structure (mean / median / min) of the registered exemplar masks, the
 affine-only masks, the population prior and the leave-one-out ground-truth mean; writes
-``report.json``, ``report.md`` and ``overlay_worst_best.png`` (see :mod:`medspan.priors.atlas_report`).
+``report.json``, ``report.md`` and ``overlay_worst_best.png`` (see :mod:`medspan.atlas.report`).
 
 Example::
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write and print the report. Exit code 0, or 2 when the folder or datalist cannot be used."""
-    from medspan.priors.atlas_report import format_report, priors_report
+    from medspan.atlas.report import format_report, priors_report
 
     try:
         summary = priors_report(args.priors_dir, datalist=args.datalist, report_dir=args.out, n_cases=args.cases)

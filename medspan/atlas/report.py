@@ -1,4 +1,4 @@
-"""Quality report of a :func:`medspan.priors.atlas.build_priors` folder, with Dice where ground truth exists.
+"""Quality report of a :func:`medspan.atlas.build.build_priors` folder, with Dice where ground truth exists.
 
 For every registered image whose datalist entry has a ``label`` (one mask per structure), the
 warped exemplar masks are compared with the ground truth. Four priors are scored side by side, in
@@ -59,7 +59,7 @@ def _ground_truth(datalist: Path, structures: Sequence[str]) -> dict[str, list[s
     """image path -> label paths (one per structure) from every section of ``datalist`` and its
     top-level ``exemplar`` record (as ``data_prep.mhh_covid_lungs`` writes it), if labeled."""
     from medspan.data.datalist import datalist_sections, load_datalist
-    from medspan.priors.atlas import _absolute_record, _read_doc, _relabel
+    from medspan.atlas.build import _absolute_record, _read_doc, _relabel
 
     doc = _read_doc(datalist)
     known = doc.get("structures")
@@ -90,7 +90,7 @@ def priors_report(
     """Score and summarise a priors folder; write ``report.json``, ``report.md`` and the overlay PNG.
 
     Args:
-        priors_dir: a folder written by :func:`~medspan.priors.atlas.build_priors`.
+        priors_dir: a folder written by :func:`~medspan.atlas.build.build_priors`.
         datalist: where the ground truth comes from (default: the folder's ``datalist.json``, which
             keeps the input's ``label`` keys).
         report_dir: output folder (default ``<priors_dir>/report``).
@@ -101,8 +101,8 @@ def priors_report(
         ``dice`` (``{kind: {structure or "mean": {mean, median, min, max, n}}}``, empty without
         ground truth), ``per_image`` and the paths written.
     """
-    from medspan.priors.atlas import FLAGGED, STATUSES, dice
-    from medspan.priors.statistics import load_prior, read_masks, resize_prior
+    from medspan.atlas.build import FLAGGED, STATUSES, dice
+    from medspan.atlas.statistics import load_prior, read_masks, resize_prior
 
     pdir = Path(priors_dir).resolve()
     qpath, apath = pdir / "quality.json", pdir / "atlas.json"

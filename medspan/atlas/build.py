@@ -2,7 +2,7 @@
 
 A clinician labels ONE scan (the exemplar: an image and one mask per structure). :func:`build_priors`
 registers the exemplar onto every image of a datalist (or folder) with
-:func:`medspan.priors.registration.register` (affine, then B-spline or diffeomorphic demons), warps
+:func:`medspan.atlas.registration.register` (affine, then B-spline or diffeomorphic demons), warps
 its masks and stores, per image:
 
 * ``priors/<case>.npy``: the soft prior, float16 ``(S, *spatial)`` channel first, same grid and MONAI
@@ -14,7 +14,7 @@ its masks and stores, per image:
   determinant min/max and folded fraction, retries and their reasons, seconds; or the error).
 
 and for the whole set ``population_prior.npy`` (the mean of the warped exemplar masks in the common
-frame, see :mod:`medspan.priors.statistics`), ``quality.json`` (all records), ``atlas.json``
+frame, see :mod:`medspan.atlas.statistics`), ``quality.json`` (all records), ``atlas.json``
 (settings and counts) and ``datalist.json`` (the input datalist with a ``prior`` key added).
 
 Status of a record:
@@ -98,13 +98,13 @@ def registration_settings(method: str = "default", dim: int = 2, **overrides: An
     (robust to HU vs 8-bit volumes), grid of at
     most 64 voxels per side; the 3D B-spline runs on one coarse level only (ITK's B-spline metric
     is slow in 3D). ``overrides`` replace any
-    :class:`~medspan.priors.registration.RegistrationSettings` field.
+    :class:`~medspan.atlas.registration.RegistrationSettings` field.
 
     Example::
 
         registration_settings("bspline", 3, bspline_mesh=6)
     """
-    from medspan.priors.registration import RegistrationSettings
+    from medspan.atlas.registration import RegistrationSettings
 
     if method == "default":
         method = "demons_cc" if dim == 2 else "demons"
@@ -197,7 +197,7 @@ def load_exemplar(
             without voxels, or a count mismatch between masks and structures.
     """
     from medspan.data.readers import read_image
-    from medspan.priors.statistics import read_masks
+    from medspan.atlas.statistics import read_masks
 
     image = str(Path(image).resolve())
     arr, _ = read_image(image)
@@ -452,8 +452,8 @@ def _failed(job: dict[str, Any], error: str, out_dir: str) -> dict[str, Any]:
 
 def _register_one(job: dict[str, Any], ex: dict[str, Any], settings: Any, sigma: float, out_dir: str) -> dict[str, Any]:
     """Worker: register the exemplar onto one read image, write prior + masks + record; return the record."""
-    from medspan.priors.registration import register, to_sitk, warp_masks
-    from medspan.priors.statistics import save_prior, soften_masks
+    from medspan.atlas.registration import register, to_sitk, warp_masks
+    from medspan.atlas.statistics import save_prior, soften_masks
 
     t0 = time.perf_counter()
     paths = _paths(Path(out_dir), job["case_id"])
@@ -676,7 +676,7 @@ def build_priors(
         workers: processes (each runs one SimpleITK thread).
         masks, structures: the exemplar's mask files and names when ``exemplar`` is a path.
         sections: datalist sections to process and give priors (default: all).
-        settings: a full :class:`~medspan.priors.registration.RegistrationSettings` (overrides ``method``).
+        settings: a full :class:`~medspan.atlas.registration.RegistrationSettings` (overrides ``method``).
         overwrite: recompute everything when the folder holds priors made with other settings.
         progress: show a progress bar.
         on_record: called in the main process with each new record as it completes.
@@ -690,7 +690,7 @@ def build_priors(
     """
     from medspan.data.datalist import write_datalist
     from medspan.data.readers import read_image
-    from medspan.priors.statistics import (
+    from medspan.atlas.statistics import (
         mean_prior,
         population_prior,
         resize_prior,

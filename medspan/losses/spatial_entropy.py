@@ -395,7 +395,7 @@ class SpatialEntropyLoss(nn.Module):
         heads: ``"all"``, ``"free"`` (heads without a structure in ``head_to_structure``; all heads
             when it is empty or None) or a sequence of head indices.
         head_to_structure: the SPAN assignment, ``{head: structure}`` or a sequence indexed by
-            head with None for free heads (as :class:`medspan.priors.attention_prior.SpanPriorLoss`).
+            head with None for free heads (as :class:`medspan.losses.span.SpanPriorLoss`).
             Only used by ``heads="free"``.
         connectivity: ``"full"`` (8 in 2D / 26 in 3D, SAR's choice) or ``"face"`` (4 / 6).
         backend: labelling backend of :func:`spatial_entropy` (``"auto"``: cc3d in one call on

@@ -15,7 +15,7 @@ views with the teacher's patch dropout, ``m`` the stage-3 cell mask (True = mask
 
 ``CE(t, s) = -sum_k softmax((t - c) / tau_t)_k * log_softmax(s / tau_s)_k``: the teacher is centred
 (centre ``c``, an EMA of the teacher outputs) and sharpened, as in DINO. :class:`DistillCE` is
-:class:`medspan.ssl.dino.DINOLoss` (same temperatures, same centre buffer and its all-reduced EMA
+:class:`medspan.losses.dino.DINOLoss` (same temperatures, same centre buffer and its all-reduced EMA
 update) with rows already paired by the caller instead of DINO's all-pairs-of-crops.
 
 Example:
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medspan.ssl.dino import DINOLoss
+from medspan.losses.dino import DINOLoss
 
 __all__ = ["DistillCE", "masked_l1"]
 
@@ -72,7 +72,7 @@ class DistillCE(DINOLoss):
     Args:
         out_dim: K, the projection head's output width.
         warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs, student_temp,
-            center_momentum: as :class:`~medspan.ssl.dino.DINOLoss`.
+            center_momentum: as :class:`~medspan.losses.dino.DINOLoss`.
 
     ``forward(student (..., K), teacher (..., K), epoch, mask=None, update_center=True)``:
 

@@ -5,12 +5,12 @@ chest X-rays with their organ masks, takes ONE training case as the expert-label
 writes a datalist whose training entries carry ``prior`` and whose validation entries carry
 ``label`` (one mask per structure, in the order of ``structures``). :func:`registered_priors` is the
 step that turns the exemplar into per-image priors; it works for 2D and 3D sets alike (the CT
-default, :mod:`medspan.data.default_ct`, can call it the same way).
+default, :mod:`medspan.recipes.ct`, can call it the same way).
 
 Priors (``prior=``):
 
 * ``"registered"`` (default): the exemplar is registered onto every training image
-  (:func:`medspan.priors.atlas.build_priors`: affine, then diffeomorphic demons by default) and its
+  (:func:`medspan.atlas.build.build_priors`: affine, then diffeomorphic demons by default) and its
   warped masks, Gaussian-softened, are that image's prior. Results are cached in the set folder
   (``atlas_*``); a re-run registers nothing, an interrupted run resumes.
 * ``"exemplar"``: the exemplar's softened masks as one fixed prior for every image (no registration).
@@ -83,7 +83,7 @@ def prepare_synthetic_cxr(
     """
     from medspan.data.datalist import write_datalist
     from medspan.data.synthetic import write_cxr_dataset
-    from medspan.priors.statistics import save_prior, soften_masks
+    from medspan.atlas.statistics import save_prior, soften_masks
 
     data_dir = Path(data_dir)
     tag = f"n{n_cases}_v{n_val}_s{size}_seed{seed}"
@@ -186,7 +186,7 @@ def registered_priors(
     """Register the exemplar onto ``images`` (cached in ``out_dir``); return ``{image: prior path}``.
 
     ``mask_paths`` holds one exemplar mask file per structure (order of ``structures``); works for 2D
-    and 3D images (:func:`medspan.priors.atlas.registration_settings` picks the settings by
+    and 3D images (:func:`medspan.atlas.build.registration_settings` picks the settings by
     dimension). Images whose registration failed outright (unreadable) are left out; flagged ones
     (retried, affine or population fallback) keep their fallback prior. A folder made with other
     registration settings (e.g. by an older medspan) is recomputed. One summary line is printed when
@@ -197,7 +197,7 @@ def registered_priors(
         priors = registered_priors("ct_0000.nii.gz", ["ct_0000_left_lung.nii.gz", "ct_0000_right_lung.nii.gz"],
                                    ["left_lung", "right_lung"], images, "data/atlas", sigma=2.0)
     """
-    from medspan.priors.atlas import build_priors, load_exemplar
+    from medspan.atlas.build import build_priors, load_exemplar
 
     ex = load_exemplar(exemplar_image, list(mask_paths), structures=list(structures))
     # worker processes cost a second or two to start: not worth it for a handful of images

@@ -4,7 +4,7 @@ The exemplar is an image with one mask per structure (``--masks``), or a label m
 (``--label-map`` + ``--names``), or a labeled case of the datalist (``--exemplar-case``). The images
 come from a datalist (``--datalist``; its entries get a ``prior`` key in ``OUT/datalist.json``) or a
 folder (``--images``). When the datalist carries ground truth (``label``), the Dice report of
-:mod:`medspan.priors.atlas_report` is printed at the end (registered vs affine-only vs population
+:mod:`medspan.atlas.report` is printed at the end (registered vs affine-only vs population
 priors); ``--no-report`` skips it.
 
 Examples::
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--datalist", help="datalist JSON whose images get priors (entries keep their keys)")
     src.add_argument("--images", help="folder of images (PNG/JPEG, NIfTI, NRRD/MHA, DICOM files or series folders)")
-    parser.add_argument("--out", required=True, help="output folder (re-runs resume; see medspan.priors.atlas)")
+    parser.add_argument("--out", required=True, help="output folder (re-runs resume; see medspan.atlas.build)")
     parser.add_argument("--exemplar", help="the exemplar image (with --masks or --label-map)")
     parser.add_argument("--masks", nargs="+", help="the exemplar's masks, one file per structure")
     parser.add_argument("--structures", nargs="+", help="structure names (order of --masks; or a subset of the datalist's)")
@@ -56,13 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the priors, print a summary (and the report). Exit code 0, or 2 on an input problem."""
-    from medspan.priors.atlas import (
+    from medspan.atlas.build import (
         build_priors,
         exemplar_from_datalist,
         load_exemplar,
         registration_settings,
     )
-    from medspan.priors.atlas_report import format_report, priors_report
+    from medspan.atlas.report import format_report, priors_report
 
     try:
         if args.exemplar_case is not None:

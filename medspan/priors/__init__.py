@@ -1,1 +1,0 @@
-"""medspan.priors"""
