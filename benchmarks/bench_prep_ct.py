@@ -47,7 +47,8 @@ if str(HERE.parent) not in sys.path:
 from _table import markdown_table, merge_rows, parse_table, read_section, update_section  # noqa: E402
 
 from data_prep.common import run_items  # noqa: E402
-from data_prep.ct_common import resample_file, save_nifti, write_ct_series  # noqa: E402
+from data_prep.ct_common import resample_file, write_ct_series  # noqa: E402
+from medspan.io import write_nifti_atomic
 
 SECTION = "prep_ct"
 HEADER = [
@@ -84,7 +85,7 @@ def make_inputs(folder: Path, shape_xyz: Sequence[int], spacing: Sequence[float]
     img = np.repeat(np.repeat(np.repeat(img, f, 0), f, 1), f, 2)[:nx, :ny, :nz]
     img = np.clip(np.rint(img), -1024, 3071)
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # RAS of an LPS-aligned series
-    save_nifti(folder / "src.nii.gz", img, affine, "int16")
+    write_nifti_atomic(img, folder / "src.nii.gz", affine, dtype="int16")
     write_ct_series(folder / "src_dicom", img, spacing, (0.0, 0.0, 0.0))
     inputs: dict[str, list[str]] = {"nifti": [], "dicom": []}
     for i in range(n):

@@ -62,6 +62,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from medspan.data.datalist import write_datalist
+from medspan.errors import DataError
+
 from .common import (
     Report,
     add_common_arguments,
@@ -81,7 +84,6 @@ from .cxr_common import (
     read_csv,
     spec_from_args,
 )
-from medspan.errors import DataError
 
 __all__ = [
     "COMPETITION",
@@ -282,8 +284,6 @@ def convert(
 
         path, report = convert("/data/CheXpert-v1.0-small", "data/cx", CacheSpec(320), uncertain="zeros")
     """
-    from medspan.data.datalist import write_datalist
-
     spec = spec or CacheSpec(size=320)
     if views not in ("frontal", "lateral", "all"):
         raise ValueError(f"views must be frontal, lateral or all, got {views!r}")

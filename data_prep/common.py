@@ -23,12 +23,13 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tqdm import tqdm
+
 from medspan.errors import DataError
-from medspan.io import write_json_atomic, write_text_atomic
+from medspan.io import worker_pool, write_json_atomic, write_text_atomic
 
 __all__ = ["Report", "add_common_arguments", "converter_main", "finish", "is_done", "run_converter", "run_items"]
 
@@ -103,8 +104,6 @@ def run_items(
     Returns:
         the results, one per item (``None`` for failed items).
     """
-    from tqdm import tqdm
-
     bar = tqdm(total=len(items), desc=desc or (report.name if report else ""), disable=not progress, file=sys.stderr)
     results: list[Any] = []
     try:
@@ -114,7 +113,7 @@ def run_items(
                 results.append(_record(ok, value, item, report, key))
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with worker_pool(workers) as pool:  # workers die with this process (no orphans on a kill)
                 futures = [pool.submit(_call, fn, it) for it in items]
                 for item, fut in zip(items, futures):
                     ok, value = fut.result()

@@ -15,25 +15,28 @@ Example::
 
     arr, meta = read_image("Task06_Lung/imagesTr/lung_001.nii.gz")
     out, aff = resample_to_spacing(arr, meta["affine"], (1.5, 1.5, 1.5))
-    save_nifti("cache/lung_001.nii.gz", out, aff, dtype="int16")
+    write_nifti_atomic(out, "cache/lung_001.nii.gz", aff, dtype=np.int16)
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from scipy.ndimage import affine_transform
 
-from medspan.data.datalist import write_datalist
+from medspan.data.datalist import PATH_KEYS, format_datalist
 from medspan.data.readers import has_dicom_preamble, read_image
 from medspan.errors import DataError
-from medspan.io import atomic_write
+from medspan.io import write_nifti_atomic, write_text_atomic
 
 __all__ = [
     "NON_IMAGE_MODALITIES",
@@ -42,7 +45,6 @@ __all__ = [
     "classify_header",
     "safe_name",
     "spacing_of",
-    "save_nifti",
     "integral_dtype",
     "sample_on_grid",
     "resample_to_spacing",
@@ -125,8 +127,6 @@ def read_header(path: str | os.PathLike) -> DicomHeader | None:
         h = read_header("LIDC-IDRI-0001/ct/-100.000000.dcm")
         h.modality, h.series_instance_uid, h.position    # ('CT', '1.3.6...', (-166.0, -171.7, -100.0))
     """
-    import pydicom
-
     p = Path(path)
     if not p.exists():
         raise DataError(p, "file does not exist (broken link?)")
@@ -222,31 +222,6 @@ def integral_dtype(array: np.ndarray) -> str:
     return "float32"
 
 
-def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype: str | type = "float32") -> Path:
-    """Write ``array`` ``(x, y, z)`` with ``affine`` (qform = sform, code 1, mm) atomically.
-
-    Integer dtypes get rounded values. Returns the path.
-
-    Example::
-
-        save_nifti("out/ct.nii.gz", hu, meta["affine"], "int16")
-    """
-    import nibabel as nib
-
-    dtype = np.dtype(dtype)
-    data = np.asarray(array)
-    if np.issubdtype(dtype, np.integer) and not np.issubdtype(data.dtype, np.integer):
-        data = np.rint(data)
-    img = nib.Nifti1Image(np.ascontiguousarray(data.astype(dtype)), np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    img.header.set_xyzt_units("mm")
-    img.header.set_slope_inter(1.0, 0.0)
-    name = Path(path).name
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
-    return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
-
-
 # --------------------------------------------------------------------------------------------
 # resampling and crops
 # --------------------------------------------------------------------------------------------
@@ -271,8 +246,6 @@ def sample_on_grid(
 
         crop = sample_on_grid(hu, aff, crop_aff, (64, 64, 64), order=1, cval=-1024)
     """
-    from scipy.ndimage import affine_transform
-
     out_shape = tuple(int(s) for s in out_shape)
     m = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(out_affine, dtype=np.float64)
     # only the source box the output grid reaches (+1 voxel) is cast to float32 and sampled
@@ -377,7 +350,7 @@ def resample_file(
         dtype = "uint8" if out.size == 0 or (out.min() >= 0 and out.max() <= 255) else "int16"
     else:
         dtype = "int16" if integral_dtype(array) == "int16" else "float32"
-    save_nifti(dst, out, aff, dtype)
+    write_nifti_atomic(out, dst, aff, dtype=dtype)
     return {"shape": list(out.shape), "spacing": spacing_of(aff).round(6).tolist()}
 
 
@@ -404,8 +377,6 @@ def sop_slice_index(series_dir: str | os.PathLike, affine: np.ndarray, n_slices:
         hu, meta = read_dicom_series(folder)
         sop_slice_index(folder, meta["affine"], hu.shape[2])   # {'1.2.3.3.1.1': 0, ...}
     """
-    import pydicom
-
     out: dict[str, int] = {}
     for f in sorted(Path(series_dir).iterdir()):
         if not f.is_file():
@@ -432,7 +403,7 @@ def sop_slice_index(series_dir: str | os.PathLike, affine: np.ndarray, n_slices:
 def write_datalist_if_changed(
     path: str | os.PathLike,
     sections: Mapping[str, Sequence[Mapping[str, Any]]],
-    path_keys: Sequence[str] = ("image", "label", "prior"),
+    path_keys: Sequence[str] = PATH_KEYS,
     **meta: Any,
 ) -> bool:
     """:func:`~medspan.data.datalist.write_datalist`, but leave the file untouched if its text is unchanged.
@@ -441,19 +412,11 @@ def write_datalist_if_changed(
     the file was (re)written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
-    os.close(fd)
-    try:
-        write_datalist(tmp, sections, path_keys=path_keys, **meta)
-        new = Path(tmp).read_bytes()
-        if path.is_file() and path.read_bytes() == new:
-            return False
-        os.replace(tmp, path)
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    text = format_datalist(path, sections, path_keys=path_keys, **meta)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return False
+    write_text_atomic(text, path)
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,10 +466,6 @@ def write_ct_series(
 
         write_ct_series(tmp / "ct", np.full((32, 32, 4), -1000.0), (0.7, 0.7, 2.5), (-10, -10, -100))
     """
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hu = np.asarray(hu, dtype=np.float64)

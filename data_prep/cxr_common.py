@@ -47,9 +47,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy import sparse
 
+from medspan.data.datalist import split_datalist
 from medspan.errors import DataError
-from medspan.io import atomic_write, write_json_atomic
+from medspan.io import write_json_atomic, write_png_atomic
+
+from .common import is_done
 
 __all__ = [
     "CacheSpec",
@@ -68,7 +72,6 @@ __all__ = [
     "read_mask",
     "read_picture",
     "resize_mask",
-    "safe_id",
     "scale_boxes",
     "spec_from_args",
     "to_unit",
@@ -231,8 +234,6 @@ def _area_matrix(n_in: int, n_out: int):
     ``[i * n_in, (i + 1) * n_in)`` (integer units); the entries are their overlap lengths. Built
     from the merged boundaries (at most ``n_in + n_out`` pieces). Cached: treat as read-only.
     """
-    from scipy import sparse
-
     cuts = np.union1d(np.arange(n_in + 1) * n_out, np.arange(n_out + 1) * n_in)
     lo, hi = cuts[:-1], cuts[1:]
     src, out = lo // n_out, lo // n_in
@@ -281,8 +282,7 @@ def write_png(arr: np.ndarray, path: str | os.PathLike) -> Path:
     a = np.ascontiguousarray(arr)
     if a.dtype not in (np.uint8, np.uint16) or a.ndim != 2:
         raise ValueError(f"expected a 2D uint8/uint16 array, got {a.dtype} {a.shape}")
-    im = Image.fromarray(a)
-    return atomic_write(path, lambda tmp: im.save(tmp, format="PNG", compress_level=3), suffix=".png")
+    return write_png_atomic(a, path, compress_level=3)
 
 
 def write_cached(values: np.ndarray, top: float, spec: CacheSpec, path: str | os.PathLike) -> tuple[int, int]:
@@ -318,8 +318,6 @@ def cache_picture(job: PictureJob) -> dict[str, Any]:
         ``{"image": path used by the datalist, "src_shape": (rows, cols), "out_shape": (rows, cols),
         "skipped": bool}``.
     """
-    from .common import is_done
-
     if not job.spec.cache:
         values, _ = read_picture(job.source)  # decoded once: corrupt files are found
         return {"image": job.source, "src_shape": values.shape, "out_shape": values.shape, "skipped": False}
@@ -448,14 +446,6 @@ def read_csv(path: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
     return [c.strip() for c in rows[0]], rows[1:]
 
 
-def safe_id(text: str, where: str | os.PathLike) -> str:
-    """Check that an id can be a file name (no separators, not hidden, not empty)."""
-    t = text.strip()
-    if not t or "/" in t or "\\" in t or t.startswith(".") or "\x00" in t:
-        raise DataError(where, f"unusable id {text!r}")
-    return t
-
-
 def compact(entry: Mapping[str, Any]) -> dict[str, Any]:
     """The entry without its ``None`` values (a missing age stays out of the JSON instead of ``null``,
     which MONAI's default collate cannot batch)."""
@@ -466,8 +456,6 @@ def patient_split(
     entries: Sequence[dict[str, Any]], val_fraction: float, seed: int = 0
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Patient-wise ``(training, validation)`` split (``split_datalist`` with ``group_key="patient_id"``)."""
-    from medspan.data.datalist import split_datalist
-
     if not entries or val_fraction <= 0:
         return [dict(e) for e in entries], []
     if not 0 < val_fraction < 1:

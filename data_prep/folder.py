@@ -58,6 +58,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medspan.data.datalist import spatial_shape, split_datalist
+from medspan.data.readers import read_dicom_series, read_image
+from medspan.errors import DataError
+from medspan.io import write_json_atomic, write_nifti_atomic
+
 from .common import (
     Report,
     add_common_arguments,
@@ -72,12 +77,8 @@ from .ct_common import (
     integral_dtype,
     read_header,
     safe_name,
-    save_nifti,
     write_datalist_if_changed,
 )
-from medspan.data.datalist import split_datalist
-from medspan.errors import DataError
-from medspan.io import write_json_atomic
 
 __all__ = ["scan", "plan", "convert", "add_arguments", "run", "main"]
 
@@ -226,8 +227,6 @@ def plan(
 
 
 def _volume_ndim(path: str) -> int:
-    from medspan.data.datalist import spatial_shape
-
     try:
         shape = spatial_shape(path)
     except Exception as e:  # nibabel / SimpleITK raise many kinds on a bad header
@@ -238,8 +237,6 @@ def _volume_ndim(path: str) -> int:
 
 def convert_job(job: dict[str, Any]) -> dict[str, Any]:
     """Do one job of :func:`plan` (module level, for worker processes); returns its datalist entry."""
-    from medspan.data.readers import read_dicom_series, read_image
-
     kind = job["kind"]
     entry: dict[str, Any] = {"case_id": job["case_id"]}
     for key in ("patient_id", "modality", "series_instance_uid"):
@@ -269,7 +266,7 @@ def convert_job(job: dict[str, Any]) -> dict[str, Any]:
     if is_done(nifti):
         return dict(entry, image=str(nifti), ndim=3, source="series", skipped=True)
     array, meta = read_dicom_series(job["files"])
-    save_nifti(nifti, array, meta["affine"], integral_dtype(array))
+    write_nifti_atomic(array, nifti, meta["affine"], dtype=integral_dtype(array))
     return dict(entry, image=str(nifti), ndim=3, source="series", skipped=False)
 
 

@@ -63,6 +63,11 @@ from typing import Any
 
 import numpy as np
 
+from medspan.atlas.statistics import save_prior, soften_masks
+from medspan.data.datalist import write_datalist
+from medspan.errors import DataError
+from medspan.recipes.cxr import exemplar_masks
+
 from .common import (
     Report,
     add_common_arguments,
@@ -85,7 +90,6 @@ from .cxr_common import (
     write_cached,
     write_mask,
 )
-from medspan.errors import DataError
 
 __all__ = [
     "JSRT_SHAPE",
@@ -282,10 +286,6 @@ def convert_case(job: JsrtJob) -> dict[str, Any]:
 
 def _write_exemplar(out_dir: Path, exemplar: str, entries: list[dict], structures: Sequence[str],
                     training: list[dict], validation: list[dict], sigma: float, spec: CacheSpec) -> Path:
-    from medspan.data.datalist import write_datalist
-    from medspan.recipes.cxr import exemplar_masks
-    from medspan.atlas.statistics import save_prior, soften_masks
-
     by_id = {e["case_id"]: e for e in entries}
     if exemplar not in by_id or "label" not in by_id[exemplar]:
         raise DataError(exemplar, "exemplar is not a converted case with SCR masks")
@@ -333,8 +333,6 @@ def convert(
 
         path, report = convert("/data/JSRT", "data/jsrt256", CacheSpec(256), scr="/data/scr")
     """
-    from medspan.data.datalist import write_datalist
-
     spec = spec or CacheSpec(size=512)
     if not spec.cache:
         raise ValueError("JSRT images are raw files: they are always cached (no --no-cache)")

@@ -78,6 +78,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from skimage.draw import polygon
+
+from medspan.data.datalist import split_datalist
+from medspan.data.readers import read_dicom_series
+from medspan.errors import DataError
+from medspan.io import write_json_atomic, write_nifti_atomic
 
 from .common import (
     Report,
@@ -92,14 +98,10 @@ from .ct_common import (
     read_header,
     safe_name,
     sample_on_grid,
-    save_nifti,
     sop_slice_index,
     spacing_of,
     write_datalist_if_changed,
 )
-from medspan.data.datalist import split_datalist
-from medspan.errors import DataError
-from medspan.io import write_json_atomic
 
 __all__ = [
     "NS",
@@ -260,8 +262,6 @@ def roi_pixels(points_xy: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
         roi_pixels(np.array([[1, 1], [3, 1], [3, 3], [1, 3]]), 5, 5)   # the 3x3 block rows/cols 1..3
     """
-    from skimage.draw import polygon
-
     pts = np.asarray(points_xy, dtype=np.int64).reshape(-1, 2)
     rr, cc = (
         polygon(pts[:, 1], pts[:, 0], shape=(rows, cols)) if len(pts) >= 3 else (np.empty(0, int), np.empty(0, int))
@@ -537,8 +537,6 @@ def convert_case(job: dict[str, Any]) -> dict[str, Any]:
     Skips the case (``record["skipped"] = True``) when its record exists with the same settings
     and every file it lists exists.
     """
-    from medspan.data.readers import read_dicom_series
-
     out = Path(job["out"])
     case_id, settings = job["case_id"], job["settings"]
     record_path = out / "cases" / f"{case_id}.json"
@@ -648,16 +646,16 @@ def convert_case(job: dict[str, Any]) -> dict[str, Any]:
         nodules.append(rec)
 
     files: list[Path] = [paths["image"], paths["consensus"], *paths["readers"]]
-    save_nifti(paths["image"], hu, affine, "int16")
+    write_nifti_atomic(hu, paths["image"], affine, dtype="int16")
     for r in range(1, n_sessions + 1):
         label = np.zeros(hu.shape, dtype=np.uint8)
         for number, v in reader_vox[r]:
             label.reshape(-1)[v] = number
-        save_nifti(paths["readers"][r - 1], label, affine, "uint8")
+        write_nifti_atomic(label, paths["readers"][r - 1], affine, dtype="uint8")
     cons_map = np.zeros(hu.shape, dtype=np.uint8)
     for number, v in enumerate(cons_vox, start=1):
         cons_map.reshape(-1)[v] = number
-    save_nifti(paths["consensus"], cons_map, affine, "uint8")
+    write_nifti_atomic(cons_map, paths["consensus"], affine, dtype="uint8")
 
     size, crop_spacing = settings["crop_size"], settings["crop_spacing"]
     for number, centre in centres.items():
@@ -673,8 +671,8 @@ def convert_case(job: dict[str, Any]) -> dict[str, Any]:
         msk = sample_on_grid(cons_map == number, affine, caff, cshape, order=1, cval=0.0) >= 0.5
         ip = out / "crops" / f"{case_id}_nodule{number}.nii.gz"
         mp = out / "crops" / f"{case_id}_nodule{number}_mask.nii.gz"
-        save_nifti(ip, img, caff, "int16")
-        save_nifti(mp, msk, caff, "uint8")
+        write_nifti_atomic(img, ip, caff, dtype="int16")
+        write_nifti_atomic(msk, mp, caff, dtype="uint8")
         files += [ip, mp]
         rec["crop"] = ip.relative_to(out).as_posix()
         rec["crop_mask"] = mp.relative_to(out).as_posix()

@@ -38,8 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medspan.data.datalist import write_datalist
 from medspan.errors import DataError
-from medspan.io import atomic_write
+from medspan.io import write_nifti_atomic
 
 __all__ = ["convert", "default_root", "main", "ras_affine", "read_vti"]
 
@@ -104,22 +105,12 @@ def _shrink(vol: np.ndarray, spacing: Sequence[float], factor: int) -> tuple[np.
 
 def convert(root: str | os.PathLike | None, out_dir: str | os.PathLike, shrink: int = 1) -> Path:
     """Write ``lidc2.nii.gz`` and ``datalist.json`` into ``out_dir``; return the datalist path."""
-    import nibabel as nib
-
-    from medspan.data.datalist import write_datalist
-
     root = Path(root) if root is not None else default_root()
     vol, spacing = read_vti(root / "LIDC2.vti")
     vol, spacing = _shrink(vol, spacing, int(shrink))
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    affine = ras_affine(vol.shape, spacing)
-    img = nib.Nifti1Image(vol, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    nifti = out / "lidc2.nii.gz"
-    atomic_write(nifti, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
+    nifti = write_nifti_atomic(vol, out / "lidc2.nii.gz", ras_affine(vol.shape, spacing), dtype=vol.dtype)
     return write_datalist(
         out / "datalist.json", {"training": [{"image": str(nifti), "case_id": "LIDC2"}]},
         name="LIDC2 whole-thorax CT (vtk.js sample, 8-bit)",

@@ -65,17 +65,21 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage, sparse
+
+from medspan.atlas.statistics import save_prior, soften_masks
+from medspan.data.datalist import write_datalist
+from medspan.errors import DataError
+from medspan.io import worker_pool, write_json_atomic, write_png_atomic
+from medspan.recipes.cxr import exemplar_masks
 
 from .common import converter_main
-from medspan.errors import DataError
-from medspan.io import atomic_write, write_json_atomic
 
 __all__ = [
     "STRUCTURES",
@@ -228,8 +232,6 @@ def _area_weights(n_in: int, n_out: int):
     In units of ``1 / n_out`` source pixels: source pixel j spans ``[j*n_out, (j+1)*n_out)``,
     output pixel i spans ``[i*n_in, (i+1)*n_in)``; every row sums to ``n_in``.
     """
-    from scipy import sparse
-
     i = np.arange(n_out)[:, None]
     j = np.arange(n_in)[None, :]
     overlap = np.minimum((i + 1) * n_in, (j + 1) * n_out) - np.maximum(i * n_in, j * n_out)
@@ -302,8 +304,6 @@ def split_lungs(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         left, right = split_lungs(lung)
         right[:, :4].sum(), left[:, 4:].sum()     # (8, 8)
     """
-    from scipy import ndimage
-
     lung = np.asarray(lung, dtype=bool)
     h, w = lung.shape
     image_left = np.zeros_like(lung)
@@ -341,16 +341,6 @@ def split_lungs(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_png(array_or_image: np.ndarray | Image.Image, path: Path) -> None:
-    """Save an 8-bit PNG through a temporary file in the same folder and a rename."""
-    im = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"), suffix=".png")
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    write_json_atomic(obj, path)
-
-
 def _case_paths(out_dir: Path, case_id: str) -> dict[str, Path]:
     paths = {"image": out_dir / "images" / f"{case_id}.png"}
     for s in STRUCTURES:
@@ -377,7 +367,7 @@ def convert_case(
     if need_image:
         im = _load_gray(case.image)
         image_size = im.size
-        _atomic_png(im.resize((size, size), Image.Resampling.LANCZOS), out["image"])
+        write_png_atomic(im.resize((size, size), Image.Resampling.LANCZOS), out["image"])
     else:
         try:
             with Image.open(case.image) as header:
@@ -393,7 +383,7 @@ def convert_case(
             )
         left, right = split_lungs(resize_mask(lung, size))
         for name, m in (("left_lung", left), ("right_lung", right)):
-            _atomic_png(m.astype(np.uint8) * 255, out[name])
+            write_png_atomic(m.astype(np.uint8) * 255, out[name])
     return out
 
 
@@ -436,7 +426,7 @@ def _check_settings(out_dir: Path, size: int, ignore_as_lung: bool) -> dict[str,
             )
         return settings
     settings = dict(wanted, priors={})
-    _atomic_json(settings, path)
+    write_json_atomic(settings, path)
     return settings
 
 
@@ -486,10 +476,6 @@ def convert(
 
         path = convert(None, "data/mhh_lungs", size=256, exemplar="a8ac1969")
     """
-    from medspan.data.datalist import write_datalist
-    from medspan.recipes.cxr import exemplar_masks
-    from medspan.atlas.statistics import save_prior, soften_masks
-
     root = Path(root) if root is not None else default_root()
     if int(size) < 2:
         raise ValueError(f"size must be >= 2, got {size}")
@@ -501,7 +487,7 @@ def convert(
     settings = _check_settings(out_dir, size, ignore_as_lung)
 
     if workers > 1 and len(cases) > 1:
-        with ProcessPoolExecutor(max_workers=int(workers)) as pool:
+        with worker_pool(int(workers)) as pool:  # workers die with this process
             results = list(pool.map(_convert_case_safe, cases, [str(out_dir)] * len(cases),
                                     [size] * len(cases), [ignore_as_lung] * len(cases)))
         for status, value in results:
@@ -519,7 +505,7 @@ def convert(
         masks = exemplar_masks([ex_out[s] for s in STRUCTURES])  # (2, x, y) bool
         save_prior(soften_masks(masks, sigma=mask_sigma), prior_path)
         settings.setdefault("priors", {})[prior_path.name] = {"mask_sigma": float(mask_sigma)}
-        _atomic_json(settings, out_dir / SETTINGS_NAME)
+        write_json_atomic(settings, out_dir / SETTINGS_NAME)
 
     training = [
         {"image": str(by_id[c.case_id]["image"]), "prior": str(prior_path), "case_id": c.case_id} for c in cases

@@ -45,7 +45,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+
+from medspan.data.datalist import split_datalist
+from medspan.data.readers import read_nifti
+from medspan.errors import DataError
 
 from .common import (
     Report,
@@ -56,8 +61,6 @@ from .common import (
     run_items,
 )
 from .ct_common import resample_file, write_datalist_if_changed
-from medspan.data.datalist import split_datalist
-from medspan.errors import DataError
 
 __all__ = ["list_cases", "check_case", "convert", "add_arguments", "run", "main"]
 
@@ -160,8 +163,6 @@ def list_cases(root: str | os.PathLike, report: Report) -> tuple[list[dict[str, 
 
 
 def _header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
-    import nibabel as nib
-
     if not Path(path).is_file():
         raise DataError(path, "file listed but missing")
     try:
@@ -212,8 +213,6 @@ def _cache_case(job: dict[str, Any]) -> dict[str, Any]:
 def _check_job(job: dict[str, Any]) -> dict[str, Any]:
     case = check_case(job["case"])
     if job.get("verify"):
-        from medspan.data.readers import read_nifti
-
         for key in ("image", "label"):
             if key in case:
                 read_nifti(case[key])  # decodes the whole file: a truncated gzip stream raises DataError

@@ -54,6 +54,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medspan.data.datalist import write_datalist
+from medspan.errors import DataError
+
 from .common import (
     Report,
     add_common_arguments,
@@ -74,7 +77,6 @@ from .cxr_common import (
     scale_boxes,
     spec_from_args,
 )
-from medspan.errors import DataError
 
 __all__ = [
     "CLASSES",
@@ -353,8 +355,6 @@ def convert(
 
         path, report = convert("/data/NIH", "data/nih256", CacheSpec(256), workers=2)
     """
-    from medspan.data.datalist import write_datalist
-
     spec = spec or CacheSpec(size=512)
     root, out_dir = Path(root), Path(out_dir).resolve()
     if csv_path is None:

@@ -62,6 +62,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from skimage.draw import polygon
+
+from medspan.data.datalist import split_datalist
+from medspan.data.readers import read_dicom_series
+from medspan.errors import DataError
+from medspan.io import write_json_atomic, write_nifti_atomic
 
 from .common import (
     Report,
@@ -74,14 +81,10 @@ from .common import (
 from .ct_common import (
     read_header,
     safe_name,
-    save_nifti,
     sop_slice_index,
     world_to_voxel,
     write_datalist_if_changed,
 )
-from medspan.data.datalist import split_datalist
-from medspan.errors import DataError
-from medspan.io import write_json_atomic
 
 __all__ = [
     "norm_name",
@@ -120,8 +123,6 @@ class StructureSource:
 
 
 def _read_full(path: Path):
-    import pydicom
-
     try:
         return pydicom.dcmread(path)
     except Exception as e:
@@ -270,8 +271,6 @@ def rtstruct_masks(
 
         masks, missed = rtstruct_masks("rt.dcm", hu.shape, meta["affine"], sop_slice_index(folder, ...))
     """
-    from skimage.draw import polygon
-
     ds = _read_full(Path(path))
     nx, ny, nz = (int(s) for s in shape)
     names: dict[int, str] = {}
@@ -403,8 +402,6 @@ def convert_case(job: dict[str, Any]) -> dict[str, Any]:
     Problems that concern one structure (contours on no slice, a name defined twice) are listed
     in ``record["problems"]``; the other structures are still written.
     """
-    from medspan.data.readers import read_dicom_series
-
     out = Path(job["out"])
     case_id, settings = job["case_id"], job["settings"]
     record_path = out / "cases" / f"{case_id}.json"
@@ -446,7 +443,7 @@ def convert_case(job: dict[str, Any]) -> dict[str, Any]:
             structures[name] = {"source": path, "kind": kind, "voxels": int(m.sum()), "missed": missed[name]}
 
     image = out / "images" / f"{case_id}.nii.gz"
-    save_nifti(image, hu, affine, "int16")
+    write_nifti_atomic(hu, image, affine, dtype="int16")
     files = [image]
     taken: set[str] = set()
     for name, m in masks.items():
@@ -455,7 +452,7 @@ def convert_case(job: dict[str, Any]) -> dict[str, Any]:
             stem += "_"
         taken.add(stem.lower())
         p = out / "masks" / case_id / f"{stem}.nii.gz"
-        save_nifti(p, m, affine, "uint8")
+        write_nifti_atomic(m, p, affine, dtype="uint8")
         structures[name]["file"] = p.relative_to(out).as_posix()
         files.append(p)
     record = {

@@ -62,6 +62,9 @@ from typing import Any
 
 import numpy as np
 
+from medspan.data.datalist import split_datalist, write_datalist
+from medspan.errors import DataError
+
 from .common import (
     Report,
     add_common_arguments,
@@ -84,7 +87,7 @@ from .cxr_common import (
     write_cached,
     write_mask,
 )
-from medspan.errors import DataError
+from .mhh_covid_lungs import split_lungs
 
 __all__ = [
     "Reading",
@@ -248,8 +251,6 @@ def _check_size(mask: np.ndarray, shape: tuple[int, int], path: str, image: str)
 
 def _lung_masks(job: TbJob, shape: tuple[int, int], out_shape: tuple[int, int]) -> tuple[dict[str, np.ndarray], dict]:
     """The output masks (bool, ``out_shape``) and report counts."""
-    from .mhh_covid_lungs import split_lungs
-
     counts: dict[str, int] = {}
     src = {}
     for kind, path in job.masks:
@@ -344,8 +345,6 @@ def convert(
 
         path, report = convert("data/tb", CacheSpec(256), montgomery="/data/MontgomerySet")
     """
-    from medspan.data.datalist import split_datalist, write_datalist
-
     spec = spec or CacheSpec(size=512)
     if montgomery is None and shenzhen is None:
         raise ValueError("give --montgomery and/or --shenzhen")

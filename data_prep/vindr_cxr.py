@@ -54,6 +54,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+
+from medspan.data.datalist import write_datalist
+from medspan.data.readers import read_dicom_2d
+from medspan.errors import DataError
 
 from .common import (
     Report,
@@ -75,7 +80,6 @@ from .cxr_common import (
     spec_from_args,
     write_cached,
 )
-from medspan.errors import DataError
 
 __all__ = [
     "VOTES",
@@ -248,8 +252,6 @@ def dicom_picture(path: str | os.PathLike, intensity: str = "voi",
 
         values, top = dicom_picture("train/000434271f63a053c4128a0ba6352c7f.dicom")   # top 1.0
     """
-    from medspan.data.readers import read_dicom_2d
-
     if intensity not in INTENSITIES:
         raise ValueError(f"intensity must be one of {INTENSITIES}, got {intensity!r}")
     if window is not None:
@@ -265,8 +267,6 @@ def dicom_picture(path: str | os.PathLike, intensity: str = "voi",
 
 
 def _dicom_shape(path: str) -> tuple[int, int]:
-    import pydicom
-
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
         return int(ds.Rows), int(ds.Columns)
@@ -312,9 +312,6 @@ def convert(
 
         path, report = convert("/data/vindr-cxr/1.0.0", "data/vindr256", CacheSpec(256), workers=2)
     """
-    from medspan.data.datalist import write_datalist
-    from medspan.data.readers import read_dicom_2d  # noqa: F401 - imported once here, forked workers inherit it
-
     spec = spec or CacheSpec(size=512)
     if intensity not in INTENSITIES or vote not in VOTES:
         raise ValueError(f"intensity must be in {INTENSITIES} and vote in {VOTES}")

@@ -1,4 +1,9 @@
-"""Shared helpers for the toy-size bundle tests."""
+"""Shared helpers for the toy-size bundle tests.
+
+Every bundle under ``bundles/`` (a folder with a ``metadata.json``) is checked by
+``tests/test_bundle_contracts.py``; its toy sizes are registered here in :data:`TOY_TRAIN` and
+:data:`TOY_INFERENCE` (a new bundle without an entry fails that test with a message saying so).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SPAN_BUNDLE = REPO / "bundles" / "span_cxr"
+BUNDLES = REPO / "bundles"
+SPAN_BUNDLE = BUNDLES / "span_cxr"
+SMART_BUNDLE = BUNDLES / "smartformer_ct"
+SCHEMA = BUNDLES / "schema" / "meta_schema_20240725.json"
+SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"
 
 # A toy configuration of span_cxr: a few 64-px phantoms, 32-px global crops (4x4 patches of 8 px).
 TOY_HPARAMS: dict[str, Any] = {
@@ -27,6 +36,74 @@ TOY_HPARAMS: dict[str, Any] = {
     "hparams::val_interval": 1,
     "hparams::val_size": 32,
 }
+
+# smartformer_ct: 32^3 crops at 10 mm (stage-3 grid 2^3), 4 training + 2 validation phantoms of 40 x 40 x 36 voxels
+SMART_TOY: dict[str, Any] = {
+    "hparams::data::n_cases": 6,
+    "hparams::data::n_val": 2,
+    "hparams::data::shape_zyx": [36, 40, 40],
+    "hparams::data::spacing_xyz": [10.0, 10.0, 10.0],
+    "hparams::spacing": [10.0, 10.0, 10.0],
+    "hparams::crop_size": 32,
+    "hparams::batch_size": 2,
+    "hparams::epochs": 2,
+    "hparams::warmup_epochs": 0,
+    "hparams::val_interval": 1,
+    "hparams::out_dim": 64,
+    "hparams::head_hidden_dim": 32,
+    "hparams::head_bottleneck_dim": 16,
+}
+
+TOY_TRAIN: dict[str, dict[str, Any]] = {
+    # the exemplar's prior for every image: no registration, so a property check takes seconds
+    "span_cxr": {**TOY_HPARAMS, "hparams::data::prior": "exemplar"},
+    "smartformer_ct": dict(SMART_TOY),
+}
+"""Per bundle: train.json overrides that make a run (or a property check) toy-sized."""
+
+TOY_INFERENCE: dict[str, dict[str, Any]] = {
+    "span_cxr": {"hparams::val_size": 32},
+    "smartformer_ct": {"hparams::spacing": [10.0, 10.0, 10.0]},
+}
+"""Per bundle: inference.json overrides for the toy inputs of :func:`toy_inputs`."""
+
+
+def bundle_names() -> list[str]:
+    """Names of the bundles: the folders under ``bundles/`` holding a ``metadata.json``."""
+    return sorted(p.parent.name for p in BUNDLES.glob("*/metadata.json"))
+
+
+def toy_inputs(bundle: str, folder: Path, n: int = 2) -> list[Path]:
+    """Write ``n`` small input images for ``bundle``'s inference.json into ``folder``.
+
+    span_cxr: 64 x 48 8-bit PNG radiograph-like pictures; smartformer_ct: 40 x 40 x 36 NIfTI volumes
+    in HU at 10 mm.
+    """
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        if bundle == "span_cxr":
+            from PIL import Image
+
+            yy, xx = np.mgrid[0:64, 0:48]
+            pic = 60 + 120 * np.exp(-(((xx - 24) / 14.0) ** 2 + ((yy - 30 - 4 * i) / 20.0) ** 2))
+            pic = np.clip(pic + rng.normal(0, 8, pic.shape), 0, 255).astype(np.uint8)
+            path = folder / f"toy_{i}.png"
+            Image.fromarray(pic).save(path)
+        elif bundle == "smartformer_ct":
+            import nibabel as nib
+
+            vol = rng.normal(-700, 60, (40, 40, 36))
+            vol[10:30, 12:28, 8:28] = rng.normal(40, 20, (20, 16, 20)) + 10 * i  # soft tissue block
+            path = folder / f"toy_{i}.nii.gz"
+            nib.save(nib.Nifti1Image(vol.astype(np.int16), np.diag([10.0, 10.0, 10.0, 1.0])), path)
+        else:
+            raise KeyError(f"no toy inputs for bundle {bundle!r}: add them to tests/bundle_utils.py")
+        out.append(path)
+    return out
 
 
 def toy_overrides(work_dir: Path, **extra: Any) -> dict[str, Any]:

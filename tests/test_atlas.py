@@ -25,9 +25,9 @@ from medspan.atlas.build import (
 )
 from medspan.atlas.report import format_report, priors_report
 from medspan.atlas.statistics import (
-    ground_truth_prior,
     load_prior,
     population_prior,
+    read_masks,
     resize_prior,
     soften_masks,
 )
@@ -68,7 +68,7 @@ def test_resize_prior_and_population_prior_exact():
         population_prior([a, np.zeros((2, 4, 4))], (4, 4))
 
 
-def test_ground_truth_prior_reads_mask_files(tmp_path):
+def test_population_prior_of_mask_files(tmp_path):
     paths = []
     for k in range(2):
         m = np.zeros((6, 4), np.uint8)  # picture (rows, cols)
@@ -76,7 +76,7 @@ def test_ground_truth_prior_reads_mask_files(tmp_path):
         p = tmp_path / f"m{k}.png"
         Image.fromarray(m).save(p)
         paths.append([str(p)])
-    prior = ground_truth_prior(paths, (4, 6))  # MONAI (x, y) = (cols, rows)
+    prior = population_prior((read_masks(p) for p in paths), (4, 6))  # MONAI (x, y) = (cols, rows)
     np.testing.assert_allclose(prior[0, :, :3], 1.0)
     np.testing.assert_allclose(prior[0, :, 3:], 0.5)
 
@@ -171,7 +171,7 @@ def test_killed_run_resumes_with_only_the_rest(cxr_set, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build_priors(ex, cxr_set, out, sigma=2.0, settings=_settings(), progress=False, on_record=kill_after_two)
     assert sorted(p.stem for p in (out / "quality").glob("*.json")) == sorted(seen)
-    (out / "priors" / ".cxr_0005.npy.tmp123.npy").write_bytes(b"half a file")  # a kill during a write
+    (out / "priors" / ".tmp-0123456789ab-cxr_0005.npy").write_bytes(b"half a file")  # a kill during a write
     again: list[str] = []
     res = build_priors(ex, cxr_set, out, sigma=2.0, settings=_settings(), progress=False, on_record=lambda r: again.append(r["case_id"]))
     everything = [f"cxr_{i:04d}" for i in range(6)]

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score
 
 from medspan.eval.attention_seg import (
     attention_ap,
     attention_dice,
     attention_to_maps,
-    average_precision,
     format_summary,
-    multilabel_auc,
     summarize_heads,
 )
 
@@ -31,19 +28,21 @@ def test_average_precision_equals_sklearn_with_ties(levels):
             y[rng.randint(p)] = True
         s = rng.rand(p) if levels is None else rng.randint(0, levels, size=p) / levels
         ref = average_precision_score(y, s)
-        got = average_precision(torch.from_numpy(s), torch.from_numpy(y))
+        got = _ap(torch.from_numpy(s), torch.from_numpy(y))
         assert got == pytest.approx(ref, abs=1e-12), (levels, case)
-        got32 = average_precision(torch.from_numpy(s.astype(np.float32)), torch.from_numpy(y))
+        got32 = _ap(torch.from_numpy(s.astype(np.float32)), torch.from_numpy(y))
         assert got32 == pytest.approx(average_precision_score(y, s.astype(np.float32)), abs=1e-12)
 
 
+def _ap(scores: torch.Tensor, target: torch.Tensor) -> float:
+    """AP of one score vector (P,) against a bool target (P,): attention_ap of a 1 x P image."""
+    return attention_ap(scores.reshape(1, 1, 1, -1), target.reshape(1, 1, 1, -1)).item()
+
+
 def test_average_precision_edge_cases():
-    assert average_precision(torch.tensor([0.3, 0.3, 0.3]), torch.tensor([True, False, True])) == pytest.approx(2 / 3)
-    assert average_precision(torch.tensor([0.9, 0.1]), torch.tensor([True, True])) == 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = average_precision_score([0, 0, 0], [0.1, 0.2, 0.3])
-    assert average_precision(torch.tensor([0.1, 0.2, 0.3]), torch.zeros(3, dtype=torch.bool)) == ref == 0.0
+    assert _ap(torch.tensor([0.3, 0.3, 0.3]), torch.tensor([True, False, True])) == pytest.approx(2 / 3)
+    assert _ap(torch.tensor([0.9, 0.1]), torch.tensor([True, True])) == 1.0
+    assert math.isnan(_ap(torch.tensor([0.1, 0.2, 0.3]), torch.zeros(3, dtype=torch.bool)))  # structure absent
 
 
 def test_attention_ap_toy_case():
@@ -123,26 +122,6 @@ def test_summarize_heads_picks_the_right_heads():
     assert lines[2].split()[-1] == "+37.5"  # 80 - 42.5
     assert len({len(line) for line in lines}) <= 2  # fixed-width columns (last may be rstripped)
     assert format_summary(s2).splitlines()[2].split() == ["b", "-", "-", "-"]
-
-
-def test_multilabel_auc_equals_sklearn():
-    rng = np.random.RandomState(2)
-    for case in range(10):
-        b, k = int(rng.randint(5, 200)), 6
-        y = (rng.rand(b, k) < 0.3).astype(np.int64)
-        s = rng.rand(b, k) if case % 2 else rng.randint(0, 4, size=(b, k)).astype(np.float64)
-        y[:, 5] = 1  # single-valued class
-        per, mean = multilabel_auc(torch.from_numpy(s), torch.from_numpy(y))
-        ref = []
-        for c in range(k):
-            if len(np.unique(y[:, c])) < 2:
-                assert math.isnan(per[c].item())
-                continue
-            ref.append(roc_auc_score(y[:, c], s[:, c]))
-            assert per[c].item() == pytest.approx(ref[-1], abs=1e-12)
-        assert mean == pytest.approx(np.mean(ref), abs=1e-12)
-    with pytest.raises(ValueError, match="binary"):
-        multilabel_auc(torch.rand(4, 1), torch.tensor([[0], [1], [-1], [1]]))
 
 
 def test_attention_to_maps_token_order():

@@ -233,7 +233,9 @@ def test_shape_mismatch(tmp_path: Path) -> None:
     path = make_dataset(tmp_path)
     bad_mask = png(tmp_path / "masks" / "cxr_0002_heart.png", 40, 20)
     bad_prior = nifti(tmp_path / "priors" / "cxr_0001.nii.gz", (30, 40, 3))
-    assert load_datalist(path) is not None  # shapes are only checked on request
+    loaded = load_datalist(path)  # shapes are only checked on request: the mismatched files load
+    assert [e["case_id"] for e in loaded] == ["cxr_0000", "cxr_0001", "cxr_0002"]
+    assert Path(loaded[1]["prior"]) == bad_prior and Path(loaded[2]["label"][-1]) == bad_mask
     problems = validate_datalist(path, check_shapes=True)
     image1, image2 = tmp_path / "images" / "cxr_0001.png", tmp_path / "images" / "cxr_0002.png"
     assert problems == [

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from medspan.losses.dino import DINOLoss
 from medspan.models.heads import DINOHead, MultiCropWrapper
 from medspan.models.vit import VisionTransformer
-from medspan.losses.dino import DINOLoss
 from medspan.ssl.schedules import cosine_schedule
 from medspan.ssl.teacher import copy_teacher, ema_update
 
@@ -49,7 +49,9 @@ def test_dino_loss_hand_value_two_crops():
     assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
     loss.backward()
     assert teacher.grad is None  # teacher outputs are detached
-    assert student.grad is not None and student.grad.abs().sum() > 0
+    # d CE(p, softmax(s / ts)) / ds = (softmax(s / ts) - p) / ts, each pair weighted 1/2
+    grad = [[0.5 * (q - p) / 0.1 for q, p in zip(_softmax(s, 0.1), _softmax(t, 0.04))] for s, t in ((S0, T1), (S1, T0))]
+    torch.testing.assert_close(student.grad, torch.tensor(grad, dtype=torch.float64), rtol=1e-10, atol=1e-12)
     assert torch.equal(loss_fn.center, torch.zeros(1, 3))  # update_center=False
 
 
@@ -118,6 +120,27 @@ def test_dino_loss_shape_errors():
         loss_fn(torch.zeros(8, 5), torch.zeros(4, 5), 0)
     with pytest.raises(ValueError, match="teacher_output has 3 rows"):
         loss_fn(torch.zeros(8, 3), torch.zeros(3, 3), 0)
+
+
+def test_dino_loss_and_distill_ce_share_one_base_and_one_cross_entropy():
+    """DINO's two-crop loss is DistillCE on the crop pairs (t0 -> s1, t1 -> s0): one definition of the
+    centred, sharpened cross-entropy, in CenteredDistillation; DistillCE has no DINO crop argument."""
+    from medspan.losses.dino import CenteredDistillation
+    from medspan.losses.smart import DistillCE
+
+    dino = DINOLoss(out_dim=3, ncrops=2, teacher_temp=0.07, center_momentum=0.5, nepochs=1)
+    paired = DistillCE(out_dim=3, teacher_temp=0.07, center_momentum=0.5, nepochs=1)
+    assert isinstance(dino, CenteredDistillation) and isinstance(paired, CenteredDistillation)
+    assert not isinstance(paired, DINOLoss) and not hasattr(paired, "ncrops")
+    center = torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64)
+    dino.center = center.clone()
+    paired.center = center.clone()
+    student = torch.tensor([S0, S1], dtype=torch.float64)  # crop 0, crop 1 (B = 1)
+    teacher = torch.tensor([T0, T1], dtype=torch.float64)
+    expected = 0.5 * (_ce(T0, S1, center[0].tolist(), 0.07, 0.1) + _ce(T1, S0, center[0].tolist(), 0.07, 0.1))
+    assert dino(student, teacher, 0).item() == pytest.approx(expected, rel=1e-12)
+    assert paired(student.flip(0), teacher, 0).item() == pytest.approx(expected, rel=1e-6)  # float32 rows
+    torch.testing.assert_close(dino.center, paired.center, rtol=0, atol=1e-7)  # the same EMA update
 
 
 # ----------------------------------------------------------------------------- EMA teacher

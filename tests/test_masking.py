@@ -11,7 +11,6 @@ from medspan.ssl.masking import (
     MaskingPolicy,
     attention_guided_mask,
     hint_count,
-    masked_count,
     random_block_mask,
     select_count,
     upsample_mask,
@@ -39,7 +38,6 @@ def _gen(seed: int = 0) -> torch.Generator:
 def test_counts(n: int, ratio: float, hint: float, k: int, h: int) -> None:
     assert select_count(ratio, n) == k == math.ceil(ratio * n - 1e-9)
     assert hint_count(hint, k) == h
-    assert masked_count(ratio, hint, n) == k - h
 
 
 def test_count_edges_and_errors() -> None:

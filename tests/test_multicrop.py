@@ -10,12 +10,14 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
 from monai.utils import set_determinism
+from scipy.ndimage import gaussian_filter
 
 from medspan.data.multicrop import (
-    CenterViewd,
     MultiCropd,
+    RandIsotropicGaussianBlur,
     crop_and_resize,
     sample_crop_box,
+    view_jitter,
 )
 from medspan.errors import DataError
 
@@ -215,24 +217,40 @@ def test_mismatched_prior_names_the_file():
         t({"image": MetaTensor(torch.rand(1, 64, 64, 8), meta={"filename_or_obj": "/data/cxr/p0001.png"})})
 
 
-def test_center_view():
-    img = MetaTensor(_square_image(), meta={"filename_or_obj": "x.png"})
-    label = torch.zeros(2, 64, 64)
-    label[0, 16:24, 32:40] = 1
-    label[1, 30, 10:20] = 1  # a one-pixel line covers 3/8 < 1/2 of a 2x footprint: gone
-    out = CenterViewd(size=32)({"image": img, "prior": img.clone(), "label": label})
-    assert out["view"].shape == (1, 32, 32) and out["view_prior"].shape == (1, 32, 32)
-    assert torch.equal(out["view"], out["view_prior"])
-    expected = torch.zeros(32, 32, dtype=torch.bool)
-    expected[8:12, 16:20] = True
-    assert out["view_label"].dtype == torch.bool
-    assert torch.equal(out["view_label"][0], expected) and not out["view_label"][1].any()
-    assert "image" not in out and "label" in out
-    # class-target labels are not spatial: left alone
-    out = CenterViewd(size=16)({"image": img, "label": torch.tensor([1.0, 0.0])})
-    assert "view_label" not in out and out["view"].shape == (1, 16, 16)
-    with pytest.raises(DataError, match="x.png"):
-        CenterViewd(size=16)({"image": img, "label": torch.zeros(2, 10, 10)})
+def test_intensity_jitter_changes_only_the_crops_and_is_seeded():
+    img = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(3))
+    prior = torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(4))
+    kw = {"global_size": 32, "local_size": 16, "n_local": 3, "flip": "swap"}
+    on = MultiCropd(**kw).set_random_state(11)({"image": img, "prior": prior})
+    off = MultiCropd(**kw, intensity=False).set_random_state(11)({"image": img, "prior": prior})
+    for key in ("global_boxes", "local_boxes", "global_flips", "global_priors"):
+        assert torch.equal(on[key], off[key]), key  # same geometry, priors never jittered
+    assert not torch.equal(on["global_crops"], off["global_crops"])  # the first global view is always blurred
+    again = MultiCropd(**kw).set_random_state(11)({"image": img, "prior": prior})
+    assert torch.equal(on["local_crops"], again["local_crops"])
+
+
+def test_view_jitter_parts_do_what_they_say():
+    u = torch.linspace(0, 1, 64).reshape(1, 8, 8)
+    off = {"brightness": 0.0, "contrast": 0.0, "gamma_prob": 0.0, "blur_prob": 0.0, "noise_prob": 0.0}
+    torch.testing.assert_close(view_jitter(jitter_prob=1.0, **off)(u).as_tensor(), u)  # factors 1: identity
+    brighter = view_jitter(jitter_prob=1.0, **{**off, "brightness": 0.4}).set_random_state(0)(u).as_tensor()
+    factor = brighter[0, 1, 1] / u[0, 1, 1]  # one factor in [0.6, 1.4] for the whole view, then clipped
+    assert 0.6 <= factor <= 1.4 and torch.allclose(brighter, (u * factor).clamp(0, 1))
+    solarized = view_jitter(jitter_prob=0.0, solarize_prob=1.0, **off)(u).as_tensor()
+    assert torch.equal(solarized, torch.where(u >= 0.5, 1.0 - u, u))
+    noisy = view_jitter(jitter_prob=0.0, **{**off, "noise_prob": 1.0}, noise_std=0.5)(u).as_tensor()
+    assert noisy.min() >= 0.0 and noisy.max() <= 1.0 and not torch.equal(noisy, u)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.3, 2.0])
+def test_isotropic_blur_matches_scipy_and_keeps_the_border(sigma):
+    x = torch.rand(2, 20, 16, generator=torch.Generator().manual_seed(0))
+    out = RandIsotropicGaussianBlur(sigma=(sigma, sigma), prob=1.0)(x)
+    ref = gaussian_filter(x.double().numpy(), (0, sigma, sigma), mode="mirror", truncate=3.0)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-6)
+    const = torch.full((1, 5, 5), 0.7)  # radius 6 >= side: edge replicated, still no dark border
+    torch.testing.assert_close(RandIsotropicGaussianBlur(sigma=(2.0, 2.0), prob=1.0)(const), const)
 
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real"

@@ -19,7 +19,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
-from medspan.data_prep.ct_common import save_nifti, write_ct_series
+from medspan.data_prep.ct_common import write_ct_series
+from medspan.io import write_nifti_atomic
 from medspan.data_prep.folder import convert, main
 from medspan.data.datalist import load_datalist
 from medspan.data.readers import read_dicom_series
@@ -120,7 +121,7 @@ def tree(tmp_path_factory) -> Path:
     (root / "cxr" / "notes.txt").write_text("hello")
     (root / "cxr" / "gone.dcm").symlink_to(root / "cxr" / "moved_away.dcm")  # a broken link
     (root / "cxr" / ".DS_Store").write_bytes(b"\x00\x01")
-    save_nifti(root / "vol" / "v.nii.gz", hu((5, 6, 7)), np.diag([2.0, 2.0, 2.0, 1.0]), "int16")
+    write_nifti_atomic(hu((5, 6, 7)), root / "vol" / "v.nii.gz", np.diag([2.0, 2.0, 2.0, 1.0]), dtype="int16")
     return root
 
 

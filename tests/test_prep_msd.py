@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medspan.data_prep.ct_common import crop_grid, resample_to_spacing, sample_on_grid, save_nifti
+from medspan.data_prep.ct_common import crop_grid, resample_to_spacing, sample_on_grid
+from medspan.io import write_nifti_atomic
 from medspan.data_prep.msd_lung import convert, main
 from medspan.data.datalist import load_datalist
 
@@ -37,12 +38,12 @@ def make_task(root: Path, n_train: int = 5, n_test: int = 2) -> Path:
     for i in range(1, n_train + n_test + 1):
         name = f"lung_{i:03d}.nii.gz"
         if i <= n_train:
-            save_nifti(task / "imagesTr" / name, linear_volume(offset=i), AFFINE, "int16")
-            save_nifti(task / "labelsTr" / name, label_volume(), AFFINE, "uint8")
+            write_nifti_atomic(linear_volume(offset=i), task / "imagesTr" / name, AFFINE, dtype="int16")
+            write_nifti_atomic(label_volume(), task / "labelsTr" / name, AFFINE, dtype="uint8")
             (task / "imagesTr" / f"._{name}").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
             train.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
         else:
-            save_nifti(task / "imagesTs" / name, linear_volume(offset=i), AFFINE, "int16")
+            write_nifti_atomic(linear_volume(offset=i), task / "imagesTs" / name, AFFINE, dtype="int16")
             test.append(f"./imagesTs/{name}")
     meta = {
         "name": "Lung",
@@ -147,7 +148,7 @@ def test_bad_input_reported_rest_converted_strict_exit(tmp_path: Path) -> None:
     meta["training"][3]["label"] = "./labelsTr/lung_004_cut.nii.gz"  # label of another shape, written below
     (task / "dataset.json").write_text(json.dumps(meta))
     (task / "imagesTr" / "lung_002.nii.gz").write_bytes(b"not a nifti at all" * 30)  # corrupt
-    save_nifti(task / "labelsTr" / "lung_004_cut.nii.gz", np.zeros((6, 6, 5)), AFFINE, "uint8")
+    write_nifti_atomic(np.zeros((6, 6, 5)), task / "labelsTr" / "lung_004_cut.nii.gz", AFFINE, dtype="uint8")
     out = tmp_path / "out"
     args = ["--root", str(task), "--out", str(out), "--spacing", "3", "--val-fraction", "0", "--quiet"]
     assert main(args) == 0
@@ -188,8 +189,8 @@ def test_verify_decodes_and_finds_a_truncated_gzip(tmp_path: Path) -> None:
     task = make_task(tmp_path, n_train=2, n_test=0)
     p = task / "imagesTr" / "lung_002.nii.gz"
     noise = np.random.default_rng(0).integers(-1000, 1000, (6, 6, 600))  # compresses badly: a long data stream
-    save_nifti(p, noise, AFFINE, "int16")
-    save_nifti(task / "labelsTr" / "lung_002.nii.gz", np.zeros((6, 6, 600)), AFFINE, "uint8")
+    write_nifti_atomic(noise, p, AFFINE, dtype="int16")
+    write_nifti_atomic(np.zeros((6, 6, 600)), task / "labelsTr" / "lung_002.nii.gz", AFFINE, dtype="uint8")
     p.write_bytes(p.read_bytes()[:-2000])  # header fine, data stream cut
     assert not convert(task, tmp_path / "a", progress=False).problems  # header-only check passes
     report = convert(task, tmp_path / "b", verify=True, progress=False)

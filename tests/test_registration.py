@@ -16,7 +16,6 @@ from medspan.atlas.registration import (
     register,
     to_sitk,
     warp,
-    warp_labels,
     warp_masks,
 )
 
@@ -129,18 +128,19 @@ def test_deformable_recovers_a_smooth_deformation_better_than_affine(method: str
     assert dem.jacobian["min"] > 0 and dem.metrics["metric_final"] < dem.metrics["metric_affine"]
 
 
-def test_warp_labels_keeps_label_values():
+def test_warp_masks_nearest_keeps_masks_and_linear_is_soft():
     lab = np.zeros((40, 30), np.int16)
     lab[5:20, 4:12] = 3
     lab[22:35, 10:25] = 7
     lab[10:14, 20:28] = 12
+    masks = np.stack([lab == v for v in (3, 7, 12)])
     img = to_sitk(lab.astype(np.float32))
-    ident = warp_labels(lab, img, sitk.AffineTransform(2), img)
-    np.testing.assert_array_equal(ident, lab)
+    ident = warp_masks(masks, img, sitk.AffineTransform(2), img, "nearest")
+    assert ident.dtype == bool
+    np.testing.assert_array_equal(ident, masks)
     rot = _affine(2, [[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]], (1.3, -0.7), (19.5, 14.5))
-    out = warp_labels(lab, img, rot, img)
-    assert out.dtype == np.int16 and set(np.unique(out)) <= {0, 3, 7, 12}
-    assert set(np.unique(out)) == {0, 3, 7, 12}
+    out = warp_masks(masks, img, rot, img, "nearest")
+    assert out.any(axis=(1, 2)).all() and not (out.sum(axis=0) > 1).any()  # every label kept, none blended
     soft = warp_masks(np.stack([lab == 3]), img, rot, img, "linear")
     assert soft.dtype == np.float32 and soft.min() >= 0 and soft.max() <= 1
     assert 0 < np.count_nonzero((soft > 0) & (soft < 1))  # partial volume at the edges

@@ -11,10 +11,10 @@ import torch
 from medspan.engines.pretrain import param_groups
 from medspan.engines.smart import SmartTrainer, format_losses
 from medspan.errors import TrainingError
-from medspan.models.swin_ca import SmartFormer, build_swin_ca
-from medspan.losses.span import SpanPriorLoss
-from medspan.ssl.masking import MaskingPolicy, attention_guided_mask, upsample_mask
 from medspan.losses.smart import DistillCE, masked_l1
+from medspan.losses.span import SpanPriorLoss
+from medspan.models.swin_ca import SmartFormer, build_swin_ca
+from medspan.ssl.masking import MaskingPolicy, attention_guided_mask, upsample_mask
 from medspan.ssl.teacher import PatchDropout, copy_teacher
 
 
@@ -324,3 +324,37 @@ def test_bad_batch_and_weights() -> None:
             trainer.global_loss,
             weights={"recon": 1.0},
         )
+
+
+def test_huge_lr_stops_before_non_finite_weights_are_saved() -> None:
+    """lr 300 on the micro SMARTFormer: the former step saved 234 non-finite tensors at epoch 2's
+    checkpoint; now the run stops inside the iteration (non-finite gradients or weights), so no
+    end-of-epoch handler (checkpoint, export) sees them."""
+    from ignite.engine import Events
+
+    torch.manual_seed(0)
+    micro = build_swin_ca("tiny", img_size=32, embed_dim=6, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), ca_heads=2)
+    student = SmartFormer(micro, out_dim=16, head_hidden_dim=16, head_bottleneck_dim=8, recon_stage=3)
+    teacher = copy_teacher(student)
+    g = torch.Generator().manual_seed(7)
+    batch = {"views": torch.rand(2, 2, 1, *SIZE, generator=g), "case_id": ["ct_a", "ct_b"]}
+    trainer = SmartTrainer(
+        "cpu", 6, [batch], student, teacher, torch.optim.AdamW(param_groups(student), lr=300.0),
+        *[DistillCE(16, nepochs=6) for _ in range(3)],
+        masking=MaskingPolicy("attention", 0.7, 0.1, seed=0), noise=PatchDropout(0.7, seed=1),
+        lr_schedule=300.0, wd_schedule=0.04, momentum_schedule=0.9, freeze_last_layer=1,
+    )
+    saved: list[int] = []
+
+    def checkpoint(engine) -> None:  # what a checkpoint handler reads at the end of each epoch
+        state = [*student.state_dict().values(), *teacher.state_dict().values()]
+        assert all(torch.isfinite(v).all() for v in state if v.is_floating_point()), f"epoch {engine.state.epoch}"
+        saved.append(engine.state.epoch)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
+    with pytest.raises(TrainingError) as info:
+        trainer.run()
+    failed = trainer.state.epoch
+    assert saved == list(range(1, failed)) and failed >= 2
+    assert f"at epoch {failed}, iteration {trainer.state.iteration}" in str(info.value)
+    assert "cases: ct_a, ct_b" in str(info.value) and "lower learning rate (lr now 300" in str(info.value)

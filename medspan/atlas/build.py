@@ -31,7 +31,8 @@ Status of a record:
 
 Runs are resumable and parallel: a record is written last, atomically, after its prior and masks,
 so a killed run leaves either a complete case or none (stray temporary files are removed on the
-next run), and a re-run registers only the images without a record. The settings are kept in
+next run), and a re-run registers only the images without a record, and again those whose record
+says ``failed`` (a fixed file is registered; ``keep_failed=True`` / ``--keep-failed`` keeps them). The settings are kept in
 ``atlas.json``; re-using a folder with other settings raises :class:`~medspan.errors.DataError`
 unless ``overwrite=True``. Registration is deterministic (fixed sampling seeds, one SimpleITK
 thread per worker), so the number of workers does not change the result.
@@ -52,20 +53,50 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from medspan.atlas.registration import (
+    RegistrationSettings,
+    register,
+    to_sitk,
+    warp_masks,
+)
+from medspan.atlas.statistics import (
+    mean_prior,
+    population_prior,
+    read_masks,
+    resize_prior,
+    save_prior,
+    soften_masks,
+)
+from medspan.data.datalist import (
+    datalist_sections,
+    load_datalist,
+    read_datalist_json,
+    resolve_paths,
+    write_datalist,
+)
+from medspan.data.readers import IMAGE_SUFFIXES, image_stem, read_image
 from medspan.errors import DataError
-from medspan.io import atomic_write, write_json_atomic
+from medspan.io import (
+    atomic_write,
+    remove_stale_temporaries,
+    worker_pool,
+    write_json_atomic,
+)
 
 __all__ = [
     "FLAGGED",
     "STATUSES",
     "AtlasResult",
     "Exemplar",
+    "align_labels",
     "build_priors",
     "collect_images",
     "dice",
@@ -78,8 +109,6 @@ STATUSES: tuple[str, ...] = ("exemplar", "ok", "retried", "fallback_affine", "fa
 #: statuses that are not a clean registration (reported and counted as flagged)
 FLAGGED: tuple[str, ...] = ("retried", "fallback_affine", "fallback_population", "failed")
 _VERSION = 1
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".nhdr",
-                   ".mha", ".mhd", ".dcm", ".dicom")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,8 +133,6 @@ def registration_settings(method: str = "default", dim: int = 2, **overrides: An
 
         registration_settings("bspline", 3, bspline_mesh=6)
     """
-    from medspan.atlas.registration import RegistrationSettings
-
     if method == "default":
         method = "demons_cc" if dim == 2 else "demons"
     if dim == 2:
@@ -196,9 +223,6 @@ def load_exemplar(
         DataError: an unreadable file, masks whose grid differs from the image, a label value
             without voxels, or a count mismatch between masks and structures.
     """
-    from medspan.data.readers import read_image
-    from medspan.atlas.statistics import read_masks
-
     image = str(Path(image).resolve())
     arr, _ = read_image(image)
     if (masks is None) == (label_map is None):
@@ -206,7 +230,7 @@ def load_exemplar(
     if masks is not None:
         masks = [str(Path(m).resolve()) for m in masks]
         stack = read_masks(masks)
-        names_ = list(structures) if structures is not None else [_stem(m) for m in masks]
+        names_ = list(structures) if structures is not None else [image_stem(m) for m in masks]
         if len(names_) != len(masks):
             raise DataError(image, f"{len(masks)} mask files but {len(names_)} structure names {names_}")
         where = masks[0]
@@ -234,7 +258,7 @@ def load_exemplar(
     if len(set(names_)) != len(names_):
         raise DataError(where, f"structure names repeat: {names_}")
     return Exemplar(image=image, structures=tuple(names_), masks=stack.astype(bool),
-                    case_id=case_id or _stem(image))
+                    case_id=case_id or image_stem(image))
 
 
 def exemplar_from_datalist(
@@ -246,10 +270,8 @@ def exemplar_from_datalist(
     ``structures`` (or a dict ``{structure: path}``); ``structures`` picks a subset (default: all).
     Entries of every section are searched for the case id.
     """
-    from medspan.data.datalist import datalist_sections, load_datalist
-
     path = Path(datalist)
-    doc = _read_doc(path)
+    doc = read_datalist_json(path)
     known = doc.get("structures")
     candidates: list[dict[str, Any]] = []
     for section in datalist_sections(doc):
@@ -262,7 +284,7 @@ def exemplar_from_datalist(
         candidates += by_id
     top = doc.get("exemplar")  # e.g. data_prep.mhh_covid_lungs records its exemplar with labels
     if isinstance(top, Mapping) and str(top.get("case_id")) == str(case) and "image" in top:
-        rec = _absolute_record(top, path.resolve().parent)
+        rec = resolve_paths(top, path.resolve().parent)
         candidates.append({k: rec[k] for k in ("case_id", "image", "label") if k in rec})
     if not candidates:
         raise DataError(path, f"no entry with case_id {case!r} (nor training index) in the datalist")
@@ -291,41 +313,8 @@ def exemplar_from_datalist(
 # ----------------------------------------------------------------------------------------------
 
 
-def _stem(path: str | os.PathLike) -> str:
-    name = Path(path).name
-    for sfx in sorted(_IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(sfx):
-            return name[: -len(sfx)]
-    return name
-
-
 def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "case"
-
-
-def _read_doc(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError(path, "datalist file not found")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(path, f"cannot read the datalist ({e})") from None
-    if not isinstance(doc, dict):
-        raise DataError(path, "a datalist must be a JSON object")
-    return doc
-
-
-def _absolute_record(rec: Mapping[str, Any], base: Path) -> dict[str, Any]:
-    """Copy of a record with its ``image`` / ``label`` / ``prior`` paths made absolute against ``base``."""
-
-    def absolute(p: Any) -> Any:
-        return str((base / p).resolve()) if isinstance(p, str) else p
-
-    out = dict(rec)
-    for key in ("image", "label", "prior"):
-        if key in out:
-            out[key] = [absolute(p) for p in out[key]] if isinstance(out[key], list) else absolute(out[key])
-    return out
 
 
 def _folder_images(folder: Path) -> list[dict[str, Any]]:
@@ -333,8 +322,8 @@ def _folder_images(folder: Path) -> list[dict[str, Any]]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES):
-            out.append({"image": str(p.resolve()), "case_id": _stem(p)})
+        if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES):
+            out.append({"image": str(p.resolve()), "case_id": image_stem(p)})
         elif p.is_dir() and any(q.suffix.lower() == ".dcm" for q in p.iterdir()):
             out.append({"image": str(p.resolve()), "case_id": p.name})
     if not out:
@@ -353,15 +342,13 @@ def collect_images(
         (a folder or list becomes ``{"training": [...]}``); ``meta`` the datalist's other top-level
         keys.
     """
-    from medspan.data.datalist import datalist_sections, load_datalist
-
     meta: dict[str, Any] = {}
     if isinstance(source, (str, os.PathLike)):
         src = Path(source)
         if src.is_dir():
             secs = {"training": _folder_images(src)}
         else:
-            doc = _read_doc(src)
+            doc = read_datalist_json(src)
             present = datalist_sections(doc)
             chosen = list(sections) if sections else [k for k in present if doc.get(k)]
             unknown = [s for s in chosen if s not in present]
@@ -370,7 +357,7 @@ def collect_images(
             secs = {s: load_datalist(src, s, require=("image",), check_files=False) for s in chosen}
             meta = {k: v for k, v in doc.items() if k not in present}
             if isinstance(meta.get("exemplar"), Mapping):  # a labeled-exemplar record: make its paths absolute
-                meta["exemplar"] = _absolute_record(meta["exemplar"], src.resolve().parent)
+                meta["exemplar"] = resolve_paths(meta["exemplar"], src.resolve().parent)
     else:
         secs = {"training": [dict(e) for e in source]}
         for i, e in enumerate(secs["training"]):
@@ -388,7 +375,7 @@ def collect_images(
             img = os.path.normpath(str(img))
             if img in by_image:
                 continue
-            cid = _safe_id(e.get("case_id") or _stem(img))
+            cid = _safe_id(e.get("case_id") or image_stem(img))
             base, k = cid, 1
             while cid in used:
                 k += 1
@@ -414,7 +401,7 @@ def _paths(out_dir: Path, case_id: str) -> dict[str, Path]:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -430,8 +417,6 @@ def _read_job(job: dict[str, Any], dim: int) -> dict[str, Any]:
     Returns ``job`` with ``array`` (float32, MONAI order) and ``affine``. Raises DataError for an
     unreadable image, a dimension mismatch with the exemplar, non-finite or constant values.
     """
-    from medspan.data.readers import read_image
-
     arr, meta = read_image(job["image"])
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim != dim:
@@ -452,9 +437,6 @@ def _failed(job: dict[str, Any], error: str, out_dir: str) -> dict[str, Any]:
 
 def _register_one(job: dict[str, Any], ex: dict[str, Any], settings: Any, sigma: float, out_dir: str) -> dict[str, Any]:
     """Worker: register the exemplar onto one read image, write prior + masks + record; return the record."""
-    from medspan.atlas.registration import register, to_sitk, warp_masks
-    from medspan.atlas.statistics import save_prior, soften_masks
-
     t0 = time.perf_counter()
     paths = _paths(Path(out_dir), job["case_id"])
     arr = job["array"]
@@ -524,15 +506,6 @@ class AtlasResult:
         return [r for r in self.records if r["status"] in FLAGGED]
 
 
-def _clean_stale(out_dir: Path) -> None:
-    for sub in ("priors", "masks", "quality"):
-        folder = out_dir / sub
-        if folder.is_dir():
-            for p in folder.iterdir():
-                if p.name.startswith(".") and p.is_file():
-                    p.unlink(missing_ok=True)
-
-
 def _check_settings(out_dir: Path, wanted: dict[str, Any], overwrite: bool) -> None:
     path = out_dir / "atlas.json"
     if path.exists():
@@ -562,10 +535,13 @@ def _load_record(path: Path) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) and rec.get("status") in STATUSES else None
 
 
-def _complete(rec: dict[str, Any] | None) -> bool:
+def _complete(rec: dict[str, Any] | None, keep_failed: bool = False) -> bool:
+    """A record that a re-run keeps: a ``failed`` one only with ``keep_failed`` (the file may be fixed)."""
     if rec is None:
         return False
-    if rec["status"] in ("failed", "fallback_population"):
+    if rec["status"] == "failed":
+        return keep_failed
+    if rec["status"] == "fallback_population":
         return True
     return all(rec.get(k) and Path(rec[k]).is_file() for k in ("prior", "masks"))
 
@@ -578,8 +554,6 @@ def _run_jobs(
     in ``workers`` spawned processes with at most ``2 * workers`` images in flight."""
     bar = None
     if progress and todo:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo), desc="build-priors", unit="image")
     done: list[dict[str, Any]] = []
     dim = ex["masks"].ndim - 1
@@ -607,11 +581,8 @@ def _run_jobs(
                 if ready is not None:
                     finish(_register_one(ready, ex, settings, sigma, str(out_dir)))
         else:
-            import multiprocessing
-            from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-            ctx = multiprocessing.get_context("spawn")
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx)
+            # spawned workers that die with this process: a killed run leaves no orphan writing priors
+            pool = worker_pool(min(workers, len(todo)), start_method="spawn")
             try:
                 pending: set = set()
                 for job in todo:
@@ -635,8 +606,9 @@ def _run_jobs(
     return done
 
 
-def _relabel(entry: dict[str, Any], known: Sequence[str] | None, structures: Sequence[str]) -> dict[str, Any]:
-    """Keep ``label`` aligned with ``structures`` (subset / reorder a per-structure label list)."""
+def align_labels(entry: dict[str, Any], known: Sequence[str] | None, structures: Sequence[str]) -> dict[str, Any]:
+    """Keep ``label`` aligned with ``structures``: subset / reorder a per-structure label list or dict
+    written for the datalist's ``known`` structures; drop it when it cannot be aligned. Edits ``entry``."""
     label = entry.get("label")
     if label is None or list(known or []) == list(structures):
         return entry
@@ -662,6 +634,7 @@ def build_priors(
     sections: Sequence[str] | None = None,
     settings: Any = None,
     overwrite: bool = False,
+    keep_failed: bool = False,
     progress: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> AtlasResult:
@@ -678,6 +651,8 @@ def build_priors(
         sections: datalist sections to process and give priors (default: all).
         settings: a full :class:`~medspan.atlas.registration.RegistrationSettings` (overrides ``method``).
         overwrite: recompute everything when the folder holds priors made with other settings.
+        keep_failed: keep the ``failed`` records of an earlier run as they are; by default a re-run
+            tries those images again (the file may have been fixed or replaced since).
         progress: show a progress bar.
         on_record: called in the main process with each new record as it completes.
 
@@ -688,15 +663,6 @@ def build_priors(
         DataError: unreadable exemplar or datalist, an output folder built with other settings.
         Problems with single images never raise: they are records with status ``failed``.
     """
-    from medspan.data.datalist import write_datalist
-    from medspan.data.readers import read_image
-    from medspan.atlas.statistics import (
-        mean_prior,
-        population_prior,
-        resize_prior,
-        save_prior,
-    )
-
     t0 = time.perf_counter()
     if not isinstance(exemplar, Exemplar):
         if masks is None:
@@ -719,13 +685,13 @@ def build_priors(
         "registration": settings.to_dict(),
     }
     _check_settings(out, wanted, overwrite)
-    _clean_stale(out)
+    remove_stale_temporaries(*(out / sub for sub in ("priors", "masks", "quality")), min_age_s=0.0)
 
     records: dict[str, dict[str, Any]] = {}
     todo = []
     for job in jobs:
         rec = _load_record(_paths(out, job["case_id"])["record"])
-        if _complete(rec) and rec.get("image") == job["image"]:
+        if _complete(rec, keep_failed) and rec.get("image") == job["image"]:
             records[job["case_id"]] = rec
         else:
             todo.append(job)
@@ -767,7 +733,7 @@ def build_priors(
             if p is None:
                 dropped.append({"section": name, "image": str(img), "case_id": e.get("case_id")})
                 continue
-            kept.append(_relabel(dict(e, prior=p), known, exemplar.structures))
+            kept.append(align_labels(dict(e, prior=p), known, exemplar.structures))
         out_secs[name] = kept
     doc_meta = {k: v for k, v in meta.items() if k not in ("structures", "priors")}
     doc_meta["structures"] = list(exemplar.structures)

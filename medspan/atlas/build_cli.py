@@ -22,6 +22,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medspan.atlas.build import (
+    build_priors,
+    exemplar_from_datalist,
+    load_exemplar,
+    registration_settings,
+)
+from medspan.atlas.report import format_report, priors_report
+from medspan.data.readers import read_image
 from medspan.errors import DataError
 
 
@@ -50,20 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     parser.add_argument("--sections", nargs="+", help="datalist sections to process (default: all)")
     parser.add_argument("--overwrite", action="store_true", help="recompute when OUT holds priors made with other settings")
+    parser.add_argument("--keep-failed", action="store_true",
+                        help="do not retry images whose earlier record is 'failed' (default: retry them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-report", action="store_true", help="do not print the quality / Dice report")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the priors, print a summary (and the report). Exit code 0, or 2 on an input problem."""
-    from medspan.atlas.build import (
-        build_priors,
-        exemplar_from_datalist,
-        load_exemplar,
-        registration_settings,
-    )
-    from medspan.atlas.report import format_report, priors_report
-
     try:
         if args.exemplar_case is not None:
             if not args.datalist:
@@ -76,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
                                structures=args.structures)
         else:
             raise DataError("build-priors", "give --exemplar (with --masks or --label-map) or --exemplar-case")
-        from medspan.data.readers import read_image
 
         dim = read_image(ex.image)[0].ndim
         overrides: dict = {"metric": args.metric} if args.metric else {}
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         settings = registration_settings(args.method, dim, **overrides)
         res = build_priors(ex, args.datalist or args.images, args.out, sigma=args.sigma, workers=args.workers,
                            sections=args.sections, settings=settings, overwrite=args.overwrite,
-                           progress=not args.no_progress)
+                           keep_failed=args.keep_failed, progress=not args.no_progress)
     except (DataError, ValueError) as exc:
         print(f"build-priors: error: {exc}", file=sys.stderr)
         return 2

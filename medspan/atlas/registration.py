@@ -76,7 +76,6 @@ __all__ = [
     "sitk_threads",
     "to_sitk",
     "warp",
-    "warp_labels",
     "warp_masks",
 ]
 
@@ -955,16 +954,3 @@ def warp_masks(
         w = from_sitk(warp(img, transform, fixed, interpolation))
         out.append(w > 0.5 if interpolation == "nearest" else np.clip(w, 0.0, 1.0))
     return np.stack(out).astype(bool if interpolation == "nearest" else np.float32)
-
-
-def warp_labels(label_map: np.ndarray, moving: sitk.Image, transform: sitk.Transform, fixed: sitk.Image) -> np.ndarray:
-    """Warp an integer label map (MONAI order, moving grid) onto the fixed grid by nearest neighbour.
-
-    Every output value is one of the input's values (labels are never blended). Same dtype as input.
-    """
-    lab = np.asarray(label_map)
-    if not np.issubdtype(lab.dtype, np.integer) and lab.dtype != bool:
-        raise ValueError(f"label map must hold integers, got {lab.dtype}")
-    img = to_sitk(lab, dtype=np.int32)
-    img.CopyInformation(moving)
-    return from_sitk(warp(img, transform, fixed, "nearest")).astype(lab.dtype)

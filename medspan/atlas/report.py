@@ -31,10 +31,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+from PIL import Image, ImageDraw
+from skimage.segmentation import find_boundaries
 
+from medspan.atlas.build import FLAGGED, STATUSES, align_labels, dice
+from medspan.atlas.statistics import load_prior, read_masks, resize_prior
+from medspan.data.datalist import (
+    datalist_sections,
+    load_datalist,
+    read_datalist_json,
+    resolve_paths,
+)
+from medspan.data.readers import read_image
 from medspan.errors import DataError
-from medspan.io import atomic_write, write_json_atomic, write_text_atomic
+from medspan.io import write_json_atomic, write_png_atomic, write_text_atomic
 
 __all__ = ["PRIOR_KINDS", "format_report", "overlay_grid", "priors_report"]
 
@@ -58,10 +70,7 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 def _ground_truth(datalist: Path, structures: Sequence[str]) -> dict[str, list[str]]:
     """image path -> label paths (one per structure) from every section of ``datalist`` and its
     top-level ``exemplar`` record (as ``data_prep.mhh_covid_lungs`` writes it), if labeled."""
-    from medspan.data.datalist import datalist_sections, load_datalist
-    from medspan.atlas.build import _absolute_record, _read_doc, _relabel
-
-    doc = _read_doc(datalist)
+    doc = read_datalist_json(datalist)
     known = doc.get("structures")
     out: dict[str, list[str]] = {}
     entries = []
@@ -69,11 +78,11 @@ def _ground_truth(datalist: Path, structures: Sequence[str]) -> dict[str, list[s
         if doc.get(section):
             entries += load_datalist(datalist, section, require=("image",), check_files=False)
     if isinstance(doc.get("exemplar"), dict) and "image" in doc["exemplar"]:  # a labeled-exemplar record
-        entries.append(_absolute_record(doc["exemplar"], Path(datalist).resolve().parent))
+        entries.append(resolve_paths(doc["exemplar"], Path(datalist).resolve().parent))
     for e in entries:
         if "label" not in e:
             continue
-        e = _relabel(dict(e), known, structures)
+        e = align_labels(dict(e), known, structures)
         label = e.get("label")
         if isinstance(label, list) and len(label) == len(structures) and all(isinstance(x, str) for x in label):
             img = e["image"][0] if isinstance(e["image"], list) else e["image"]
@@ -101,9 +110,6 @@ def priors_report(
         ``dice`` (``{kind: {structure or "mean": {mean, median, min, max, n}}}``, empty without
         ground truth), ``per_image`` and the paths written.
     """
-    from medspan.atlas.build import FLAGGED, STATUSES, dice
-    from medspan.atlas.statistics import load_prior, read_masks, resize_prior
-
     pdir = Path(priors_dir).resolve()
     qpath, apath = pdir / "quality.json", pdir / "atlas.json"
     if not qpath.is_file() or not apath.is_file():
@@ -245,8 +251,6 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def _panel(gray_rc: np.ndarray, truth_rc: np.ndarray | None, pred_rc: np.ndarray | None) -> np.ndarray:
-    from skimage.segmentation import find_boundaries
-
     rgb = np.repeat(gray_rc[..., None], 3, axis=-1)
     for masks, colour in ((truth_rc, (0, 220, 0)), (pred_rc, (255, 40, 40))):
         if masks is None:
@@ -259,8 +263,6 @@ def _panel(gray_rc: np.ndarray, truth_rc: np.ndarray | None, pred_rc: np.ndarray
 def _views(image: np.ndarray, affine: np.ndarray | None, truth: np.ndarray | None, pred: np.ndarray | None,
            size: int) -> list[np.ndarray]:
     """Panels (rows, cols, 3) uint8: one for 2D (x, y); axial / coronal / sagittal for 3D (x, y, z)."""
-    from PIL import Image
-
     def fit(rgb: np.ndarray, aspect: float = 1.0) -> np.ndarray:
         h, w = rgb.shape[:2]
         scale = size / max(h * aspect, w)
@@ -271,7 +273,6 @@ def _views(image: np.ndarray, affine: np.ndarray | None, truth: np.ndarray | Non
         t = None if truth is None else truth.transpose(0, 2, 1)
         p = None if pred is None else pred.transpose(0, 2, 1)
         return [fit(_panel(_to_uint8(image.T), t, p))]
-    import nibabel as nib
 
     ornt = nib.orientations.io_orientation(np.asarray(affine) if affine is not None else np.eye(4))
     canon = lambda a: nib.orientations.apply_orientation(a, ornt)
@@ -314,10 +315,6 @@ def overlay_grid(
         size: longest side of a panel in pixels.
         legend: a line of text above the grid (None: none).
     """
-    from PIL import Image, ImageDraw
-
-    from medspan.data.readers import read_image
-
     rows = []
     for c in cases:
         arr, meta = read_image(c["image"])
@@ -347,4 +344,4 @@ def overlay_grid(
         im = Image.fromarray(grid)
         ImageDraw.Draw(im).text((2, 2), legend, fill=(255, 255, 255))
         grid = np.asarray(im)
-    return atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"), suffix=".png")
+    return write_png_atomic(grid, path)

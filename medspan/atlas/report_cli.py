@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medspan.atlas.report import format_report, priors_report
 from medspan.errors import DataError
 
 
@@ -29,8 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write and print the report. Exit code 0, or 2 when the folder or datalist cannot be used."""
-    from medspan.atlas.report import format_report, priors_report
-
     try:
         summary = priors_report(args.priors_dir, datalist=args.datalist, report_dir=args.out, n_cases=args.cases)
     except (DataError, ValueError) as exc:

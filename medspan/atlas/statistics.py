@@ -11,7 +11,7 @@ of view), so a population prior is usable as a fixed prior for any image:
 
 * :func:`population_prior`: the voxel-wise mean of masks given on any grids (each resampled to the
   common frame with :func:`resize_prior`), e.g. the warped exemplar masks of every registered image;
-* :func:`ground_truth_prior`: the same from label files of a labeled set (a datalist's ``label``);
+* :func:`read_masks`: the masks of label files (a datalist's ``label``), for :func:`population_prior`;
 * :func:`resize_prior`: bring a prior from the common frame onto one image's grid (or back).
 
 Example::
@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from medspan.data.readers import read_image
+from medspan.errors import DataError
 from medspan.io import atomic_write
 
 __all__ = [
-    "ground_truth_prior",
     "load_prior",
     "mean_prior",
     "population_prior",
@@ -89,7 +90,7 @@ def mean_prior(masks: Iterable[np.ndarray], sigma: float | Sequence[float] = 0.0
 
 def save_prior(prior: np.ndarray, path: str | os.PathLike) -> Path:
     """Save a (S, *spatial) prior as float16 ``.npy`` atomically (temp file + rename)."""
-    return atomic_write(path, lambda tmp: np.save(tmp, np.asarray(prior, dtype=np.float16)), suffix=".npy")
+    return atomic_write(path, lambda tmp: np.save(tmp, np.asarray(prior, dtype=np.float16)))
 
 
 def load_prior(path: str | os.PathLike) -> np.ndarray:
@@ -165,9 +166,6 @@ def read_masks(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     Raises:
         DataError: unreadable file, or masks of different shapes (naming the file).
     """
-    from medspan.data.readers import read_image
-    from medspan.errors import DataError
-
     out: list[np.ndarray] = []
     for p in paths:
         arr, _ = read_image(p)
@@ -178,25 +176,3 @@ def read_masks(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     if not out:
         raise ValueError("read_masks needs at least one path")
     return np.stack(out)
-
-
-def ground_truth_prior(
-    label_sets: Iterable[Sequence[str | os.PathLike]], shape: Sequence[int], sigma: float | Sequence[float] = 0.0
-) -> np.ndarray:
-    """Population prior from a labeled set: the mean of its ground-truth masks in the common frame.
-
-    Args:
-        label_sets: per image, one mask path per structure (a datalist entry's ``label`` list, in
-            the order of the datalist's ``structures``).
-        shape: the common frame (e.g. the exemplar's or the training size).
-        sigma: optional blur of the mean, in voxels of ``shape``.
-
-    Returns:
-        (S, *shape) float32 in [0, 1].
-
-    Example::
-
-        entries = load_datalist("dataset.json", "validation", require=("label",))
-        prior = ground_truth_prior([e["label"] for e in entries], (256, 256))
-    """
-    return population_prior((read_masks(paths) for paths in label_sets), shape, sigma=sigma)

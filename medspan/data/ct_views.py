@@ -30,7 +30,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
-from monai.utils import ensure_tuple, ensure_tuple_rep
+from monai.utils import convert_to_tensor, ensure_tuple, ensure_tuple_rep
 
 from medspan.data.transforms import source_name
 from medspan.errors import DataError
@@ -52,11 +52,6 @@ def check_fits(x: Any, roi: Sequence[int], where: str, what: str = "crop") -> tu
             "use a smaller crop or a coarser spacing, or leave this scan out",
         )
     return shape
-
-
-def _plain(x: Any) -> torch.Tensor:
-    t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-    return t
 
 
 def _crop(x: torch.Tensor, start: Sequence[int], roi: Sequence[int]) -> torch.Tensor:
@@ -122,7 +117,7 @@ class RandCropViewsd(Randomizable, MapTransform):
                 )
         starts = self.randomize(shape, roi)
         for k, o in present:
-            x = _plain(d.pop(k)).float()
+            x = convert_to_tensor(d.pop(k), dtype=torch.float32, track_meta=False)
             d[o] = torch.stack([_crop(x, s, roi) for s in starts])
         if self.box_key:
             d[self.box_key] = torch.as_tensor(starts)

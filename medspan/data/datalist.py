@@ -57,6 +57,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import pydicom
+import SimpleITK as sitk
+from PIL import Image
+
 from medspan.errors import DataError
 from medspan.io import write_text_atomic
 
@@ -78,8 +83,9 @@ _MAX_LISTED = 50
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """Read the datalist JSON; a missing file, bad JSON or a non-object raises DataError."""
+def read_datalist_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The datalist JSON as it is (paths not resolved); a missing file, bad JSON or a non-object raises DataError."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(path, "datalist file not found")
     try:
@@ -164,8 +170,6 @@ def _dicom_files(folder: Path) -> list[Path]:
 
 
 def _dicom_shape(path: Path) -> tuple[int, ...]:
-    import pydicom
-
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"])
     if "Rows" not in ds or "Columns" not in ds:
         raise ValueError("no Rows/Columns in the DICOM header")
@@ -197,17 +201,11 @@ def spatial_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
         return _dicom_shape(files[0])[:2] + (len(files),)
     suf = _suffix(p)
     if suf in _PIL_SUFFIXES:
-        from PIL import Image
-
         with Image.open(p) as im:
             return tuple(int(s) for s in im.size)
     if suf in _NIFTI_SUFFIXES:
-        import nibabel as nib
-
         return tuple(int(s) for s in nib.load(str(p)).header.get_data_shape())
     if suf in _ITK_SUFFIXES:
-        import SimpleITK as sitk
-
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(p))
         reader.ReadImageInformation()
@@ -367,6 +365,23 @@ def _resolve_value(base: Path, value: Any) -> Any:
     return value
 
 
+def resolve_paths(
+    entry: Mapping[str, Any], base: str | os.PathLike, path_keys: Sequence[str] = PATH_KEYS
+) -> dict[str, Any]:
+    """A deep copy of ``entry`` whose relative paths under ``path_keys`` are resolved against ``base``
+    (as :func:`load_datalist` resolves them: ``~`` expanded, absolute paths kept, normalised).
+
+    Example::
+
+        resolve_paths({"image": "images/a.png", "case_id": "a"}, "/data/cxr")   # image: /data/cxr/images/a.png
+    """
+    item = copy.deepcopy(dict(entry))
+    for key in path_keys:
+        if key in item:
+            item[key] = _resolve_value(Path(base), item[key])
+    return item
+
+
 def _meta_problems(file: Path, data: Mapping[str, Any]) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for key in META_LIST_KEYS:
@@ -439,7 +454,7 @@ def validate_datalist(
     """
     file = Path(path)
     try:
-        data = _read_json(file)
+        data = read_datalist_json(file)
     except DataError as e:
         return [str(e)]
     base = Path(base_dir) if base_dir is not None else file.resolve().parent
@@ -510,7 +525,7 @@ def load_datalist(
         load_datalist("dataset.json", "validation", require=("image", "label"), check_shapes=True)
     """
     file = Path(path)
-    data = _read_json(file)
+    data = read_datalist_json(file)
     base = Path(base_dir) if base_dir is not None else file.resolve().parent
     present = datalist_sections(data)
     if section not in present:
@@ -519,14 +534,7 @@ def load_datalist(
     problems += _section_problems(file, data, section, base, require, path_keys, check_files, check_shapes)
     if problems:
         _raise_problems(file, section, problems)
-    out = []
-    for entry in _section_entries(data, section):
-        item = copy.deepcopy(dict(entry))
-        for key in path_keys:
-            if key in item:
-                item[key] = _resolve_value(base, item[key])
-        out.append(item)
-    return out
+    return [resolve_paths(entry, base, path_keys) for entry in _section_entries(data, section)]
 
 
 def _raise_problems(file: Path, section: str, problems: list[tuple[str, str]]) -> None:
@@ -568,35 +576,15 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def write_datalist(
+def format_datalist(
     path: str | os.PathLike,
     sections: Mapping[str, Sequence[Mapping[str, Any]]],
     *,
     path_keys: Sequence[str] = PATH_KEYS,
     **meta: Any,
-) -> Path:
-    """Write a datalist JSON atomically, with paths relative to the file's folder.
-
-    Paths of ``path_keys`` in the entries that are relative are taken relative to the current
-    working directory (as the OS reads them), then rewritten relative to the datalist folder with
-    ``/`` separators. ``meta`` (``name``, ``structures``, ``classes``, ``description``...) goes
-    first in the file, then the sections in the given order. The text is written to a temporary
-    file in the same folder and moved into place with :func:`os.replace`, so readers never see a
-    half-written datalist and no temporary file is left behind, even on error.
-
-    Returns:
-        the path written.
-
-    Example::
-
-        write_datalist("out/dataset.json", {"training": [{"image": "out/images/a.png"}]},
-                       name="demo", structures=["left_lung"])
-        # out/dataset.json: {"name": "demo", "structures": ["left_lung"],
-        #                    "training": [{"image": "images/a.png"}]}
-    """
-    file = Path(path)
-    folder = Path(os.path.abspath(file.parent))
-    folder.mkdir(parents=True, exist_ok=True)
+) -> str:
+    """The JSON text :func:`write_datalist` writes to ``path`` (paths relative to ``path``'s folder)."""
+    folder = Path(os.path.abspath(Path(path).parent))
     doc: dict[str, Any] = dict(meta)
     for name, entries in sections.items():
         if name in doc:
@@ -611,8 +599,37 @@ def write_datalist(
                     item[key] = _relativize(folder, item[key])
             out_entries.append(item)
         doc[name] = out_entries
-    text = json.dumps(doc, indent=2, default=_json_default) + "\n"
-    write_text_atomic(text, file)
+    return json.dumps(doc, indent=2, default=_json_default) + "\n"
+
+
+def write_datalist(
+    path: str | os.PathLike,
+    sections: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    path_keys: Sequence[str] = PATH_KEYS,
+    **meta: Any,
+) -> Path:
+    """Write a datalist JSON atomically, with paths relative to the file's folder.
+
+    Paths of ``path_keys`` in the entries that are relative are taken relative to the current
+    working directory (as the OS reads them), then rewritten relative to the datalist folder with
+    ``/`` separators. ``meta`` (``name``, ``structures``, ``classes``, ``description``...) goes
+    first in the file, then the sections in the given order. The text is written through
+    :func:`medspan.io.write_text_atomic`, so readers never see a half-written datalist and no
+    temporary file is left behind, even on error.
+
+    Returns:
+        the path written.
+
+    Example::
+
+        write_datalist("out/dataset.json", {"training": [{"image": "out/images/a.png"}]},
+                       name="demo", structures=["left_lung"])
+        # out/dataset.json: {"name": "demo", "structures": ["left_lung"],
+        #                    "training": [{"image": "images/a.png"}]}
+    """
+    file = Path(path)
+    write_text_atomic(format_datalist(file, sections, path_keys=path_keys, **meta), file)
     return file
 
 

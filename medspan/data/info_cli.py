@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+from medspan.data.readers import read_image
 from medspan.errors import DataError
 
 _AXES = {1: "x", 2: "x, y", 3: "x, y, z"}
@@ -77,8 +78,6 @@ def describe(array: np.ndarray, meta: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Read ``args.path`` and print its description; return 1 (with the reason) on a data error."""
-    from medspan.data.readers import read_image
-
     try:
         array, meta = read_image(
             args.path, apply_voi_lut=args.voi_lut, window=args.window, rgb_to_gray=not args.keep_rgb

@@ -5,8 +5,9 @@ shift the anatomy in every view, so the prior of a global view must be cut, resi
 exactly like the view itself. :class:`MultiCropd` does this: each global view's image and prior
 go through the *same* box and the *same* ``torch.nn.functional.interpolate`` call (image and
 prior channels concatenated), so a prior equal to the image yields a ``global_priors`` equal to
-``global_crops`` bit for bit (with intensity augmentation off). :class:`CenterViewd` is the
-deterministic whole-image view used for validation.
+``global_crops`` bit for bit (with intensity augmentation off). The intensity jitter of each view
+is composed from MONAI's random intensity transforms (:func:`view_jitter`); the joint image +
+prior geometry is medspan's.
 
 Axis convention: MONAI's ``LoadImaged`` gives 2D images as ``(C, x, y)``, i.e. columns first.
 Crop boxes are ``(x0, y0, x1, y1)`` in input pixel indices along those axes (``x1``/``y1``
@@ -36,19 +37,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable
+from monai.data import get_track_meta, set_track_meta
+from monai.networks.layers import gaussian_1d, separable_filtering
+from monai.transforms import (
+    Compose,
+    Identity,
+    Lambda,
+    MapTransform,
+    OneOf,
+    RandAdjustContrast,
+    RandGaussianNoise,
+    RandLambda,
+    Randomizable,
+    RandomizableTransform,
+    RandScaleIntensity,
+    RandScaleIntensityFixedMean,
+)
+from monai.utils import MAX_SEED, convert_to_tensor
 
+from medspan.data.transforms import source_name
 from medspan.errors import DataError
 
 __all__ = [
-    "CenterViewd",
     "MultiCropd",
+    "RandIsotropicGaussianBlur",
     "ViewParams",
     "crop_and_resize",
-    "gaussian_blur",
     "resize",
     "sample_crop_box",
+    "view_jitter",
 ]
 
 Box = tuple[int, int, int, int]
@@ -142,115 +159,151 @@ def crop_and_resize(x: torch.Tensor, box: Sequence[int], size: int | Sequence[in
 # ----------------------------------------------------------------------------- intensity
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a ``(C, X, Y)`` float tensor (reflect padding, radius 3 sigma)."""
-    radius = max(1, int(math.ceil(3.0 * sigma)))
-    radius = min(radius, x.shape[-2] - 1, x.shape[-1] - 1)
-    if radius < 1:
-        return x
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[0]
-    y = F.pad(x.unsqueeze(0), (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return y[0]
+class RandIsotropicGaussianBlur(RandomizableTransform):
+    """Gaussian blur of a ``(C, *spatial)`` view with ONE sigma for every axis, reflect padding (DINO's blur).
 
+    With probability ``prob``, sigma is drawn uniformly in ``sigma`` (pixels) and the view is
+    filtered with MONAI's ``separable_filtering`` and a sampled Gaussian kernel of radius
+    ``round(truncated * sigma)`` (edge replicated instead when the radius reaches a view side).
+    MONAI's ``RandGaussianSmooth`` draws one sigma per axis and pads with zeros, which darkens the
+    border of a view; hence this small transform.
 
-@dataclass
-class ViewParams:
-    """Random parameters of one view (``None`` = that augmentation is not applied)."""
+    Example::
 
-    box: Box
-    flip: bool = False
-    brightness: float | None = None
-    contrast: float | None = None
-    gamma: float | None = None
-    blur_sigma: float | None = None
-    noise_std: float | None = None
-    noise_seed: int = 0
-    solarize: bool = False
-
-    @property
-    def any_intensity(self) -> bool:
-        return any(
-            v is not None for v in (self.brightness, self.contrast, self.gamma, self.blur_sigma, self.noise_std)
-        ) or self.solarize
-
-
-def _apply_intensity(
-    x: torch.Tensor, p: ViewParams, value_range: tuple[float, float] | None
-) -> torch.Tensor:
-    """Apply the radiograph intensity augmentations of ``p`` to a ``(C, X, Y)`` float32 view.
-
-    Work happens in ``u = (x - lo) / (hi - lo)`` with ``lo, hi`` the view's min/max (or
-    ``value_range``); order: brightness, contrast, gamma, blur, noise, solarize; ``u`` is clipped
-    to [0, 1] after each point operation and mapped back to ``[lo, hi]`` at the end.
+        >>> out = RandIsotropicGaussianBlur(sigma=(1.0, 1.0), prob=1.0)(torch.ones(1, 8, 8))
+        >>> bool(torch.allclose(out, torch.ones(1, 8, 8)))
+        True
     """
-    if not p.any_intensity:
-        return x
+
+    def __init__(self, sigma: Sequence[float] = (0.1, 2.0), prob: float = 0.5, truncated: float = 3.0) -> None:
+        RandomizableTransform.__init__(self, prob)
+        self.sigma_range = (float(sigma[0]), float(sigma[1]))
+        self.truncated = float(truncated)
+        self.sigma = self.sigma_range[0]
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self.sigma = float(self.R.uniform(*self.sigma_range))
+
+    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
+        if randomize:
+            self.randomize()
+        if not self._do_transform:
+            return img
+        x = convert_to_tensor(img, dtype=torch.float32, track_meta=False)
+        kernel = gaussian_1d(torch.tensor(self.sigma), truncated=self.truncated, approx="sampled", normalize=True)
+        radius = (kernel.numel() - 1) // 2
+        mode = "reflect" if radius < min(x.shape[1:]) else "replicate"
+        return separable_filtering(x[None], [kernel.to(x)] * (x.ndim - 1), mode=mode)[0]
+
+
+def _clip_unit(u: torch.Tensor) -> torch.Tensor:
+    return u.clamp(0.0, 1.0)
+
+
+def _solarize(u: torch.Tensor) -> torch.Tensor:
+    return torch.where(u >= 0.5, 1.0 - u, u)
+
+
+def view_jitter(
+    jitter_prob: float = 0.8,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    gamma_prob: float = 0.5,
+    gamma: Sequence[float] = (0.7, 1.5),
+    blur_prob: float = 0.5,
+    blur_sigma: Sequence[float] = (0.1, 2.0),
+    noise_prob: float = 0.2,
+    noise_std: float = 0.03,
+    solarize_prob: float = 0.0,
+) -> Compose:
+    """The radiograph intensity jitter of one view, on intensities scaled to ``[0, 1]``, from MONAI parts.
+
+    In order: with probability ``jitter_prob`` brightness (``RandScaleIntensity``, factor in
+    ``1 ± brightness``) then contrast about the mean (``RandScaleIntensityFixedMean``, factor in
+    ``1 ± contrast``), each clipped to [0, 1]; gamma (``RandAdjustContrast``, gamma uniform in
+    ``gamma``, probability ``gamma_prob``); Gaussian blur (:class:`RandIsotropicGaussianBlur`,
+    sigma in ``blur_sigma`` pixels, probability ``blur_prob``); Gaussian noise (``RandGaussianNoise``,
+    std uniform in ``[0, noise_std]``, probability ``noise_prob``), clipped; solarization (values
+    ``>= 0.5`` become ``1 - u``, probability ``solarize_prob``).
+
+    Returns:
+        a MONAI ``Compose`` mapping a ``(C, x, y)`` tensor in [0, 1] to one of the same shape.
+    """
+    clip = Lambda(func=_clip_unit, track_meta=False)
+    colour = Compose([
+        RandScaleIntensity(factors=brightness, prob=1.0),
+        clip,
+        RandScaleIntensityFixedMean(prob=1.0, factors=contrast, fixed_mean=True),
+        clip,
+    ])
+    parts = [
+        OneOf([colour, Identity()], weights=(jitter_prob, 1.0 - jitter_prob)) if jitter_prob < 1.0 else colour,
+        RandAdjustContrast(prob=gamma_prob, gamma=tuple(gamma)),
+        RandIsotropicGaussianBlur(sigma=blur_sigma, prob=blur_prob),
+        RandGaussianNoise(prob=noise_prob, mean=0.0, std=noise_std, sample_std=True),
+        clip,
+    ]
+    if solarize_prob > 0:
+        parts.append(RandLambda(func=_solarize, prob=solarize_prob, track_meta=False))
+    return Compose(parts)
+
+
+def _jitter_in_unit_range(x: torch.Tensor, jitter: Compose, value_range: tuple[float, float] | None) -> torch.Tensor:
+    """Run ``jitter`` on ``u = (x - lo) / (hi - lo)`` clipped to [0, 1] and map back to ``[lo, hi]``.
+
+    ``lo, hi``: the view's min/max, or ``value_range``. Returns a plain float32 tensor.
+    """
     if value_range is None:
         lo, hi = float(x.min()), float(x.max())
     else:
         lo, hi = float(value_range[0]), float(value_range[1])
     span = hi - lo if hi > lo else 1.0
     u = ((x - lo) / span).clamp_(0.0, 1.0)
-    if p.brightness is not None:
-        u = (u * p.brightness).clamp_(0.0, 1.0)
-    if p.contrast is not None:
-        mean = u.mean()
-        u = ((u - mean) * p.contrast + mean).clamp_(0.0, 1.0)
-    if p.gamma is not None:
-        u = u.pow(p.gamma)
-    if p.blur_sigma is not None:
-        u = gaussian_blur(u, p.blur_sigma)
-    if p.noise_std is not None:
-        gen = torch.Generator(device="cpu").manual_seed(p.noise_seed)
-        noise = torch.randn(u.shape, generator=gen, dtype=u.dtype).to(u.device)
-        u = (u + p.noise_std * noise).clamp_(0.0, 1.0)
-    if p.solarize:
-        u = torch.where(u >= 0.5, 1.0 - u, u)
+    # A view is a plain tensor whose metadata is dropped anyway, and MONAI's MetaTensor bookkeeping
+    # costs several times the jitter itself on views this small. MONAI keeps this switch global:
+    # the jitter must not run beside other transforms in threads of the same process (the bundles'
+    # DataLoader runs transforms in the main thread or in worker processes).
+    tracking = get_track_meta()
+    set_track_meta(False)
+    try:
+        u = convert_to_tensor(jitter(u), track_meta=False)
+    finally:
+        set_track_meta(tracking)
     return (u * span + lo).to(torch.float32)
+
+
+@dataclass
+class ViewParams:
+    """Geometry of one view: crop box ``(x0, y0, x1, y1)`` and whether it is mirrored."""
+
+    box: Box
+    flip: bool = False
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _where(data: Mapping[Hashable, Any], key: Hashable) -> str:
-    """Best name of the file behind ``data[key]`` for error messages."""
-    value = data.get(key)
-    if isinstance(value, MetaTensor):
-        name = value.meta.get("filename_or_obj")
-        if name:
-            return str(name)
-    meta = data.get(f"{key}_meta_dict")
-    if isinstance(meta, Mapping) and meta.get("filename_or_obj"):
-        return str(meta["filename_or_obj"])
-    return f"entry key '{key}' (no filename_or_obj in its metadata)"
-
-
 def _plain(x: Any) -> torch.Tensor:
     """A plain float32 torch tensor (MetaTensor meta dropped, numpy accepted)."""
-    if isinstance(x, MetaTensor):
-        x = x.as_tensor()
-    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float32)
+    return convert_to_tensor(x, dtype=torch.float32, track_meta=False)
 
 
 def _gather_image(data: Mapping[Hashable, Any], keys: Sequence[Hashable]) -> tuple[torch.Tensor, str]:
     """Concatenate the ``(C, x, y)`` arrays under ``keys`` along channels; validate shapes."""
-    where = _where(data, keys[0])
+    where = source_name(data[keys[0]], data, keys[0])
     parts = []
     for key in keys:
         x = _plain(data[key])
         if x.ndim != 3:
             raise DataError(
-                _where(data, key),
+                source_name(data[key], data, key),
                 f"'{key}' must be a 2D image of shape (C, x, y), got shape {tuple(x.shape)}",
             )
         if parts and x.shape[1:] != parts[0].shape[1:]:
             raise DataError(
-                _where(data, key),
+                source_name(data[key], data, key),
                 f"'{key}' spatial shape {tuple(x.shape[1:])} differs from '{keys[0]}' "
                 f"spatial shape {tuple(parts[0].shape[1:])}",
             )
@@ -317,18 +370,21 @@ class MultiCropd(Randomizable, MapTransform):
     Local views (no priors) are flipped with the same rule in "swap"/"plain" modes.
 
     Intensity (``intensity=True``): independent per view, single-channel friendly, never
-    applied to priors. Brightness factor in ``1 ± brightness`` and contrast factor in ``1 ± contrast``
-    (together with probability ``jitter_prob``), gamma log-uniform in ``gamma`` (probability
-    ``gamma_prob``), Gaussian blur with sigma in ``blur_sigma`` (output pixels) and probability
-    ``blur_prob = (first global, other globals, locals)`` = DINO's (1.0, 0.1, 0.5), Gaussian
-    noise with std in ``noise_std`` (fraction of the view's intensity range, probability
-    ``noise_prob``), solarization of the second global view with probability ``solarize_prob``
-    (default 0 = off). Intensities are handled relative to each view's min/max (or
-    ``value_range``) and are mapped back to that range afterwards.
+    applied to priors; MONAI's random intensity transforms composed by :func:`view_jitter`.
+    Brightness factor in ``1 ± brightness`` and contrast factor in ``1 ± contrast`` (together with
+    probability ``jitter_prob``), gamma uniform in ``gamma`` (probability ``gamma_prob``), Gaussian
+    blur with sigma in ``blur_sigma`` (output pixels) and probability ``blur_prob = (first global,
+    other globals, locals)`` = DINO's (1.0, 0.1, 0.5), Gaussian noise with std up to ``noise_std``
+    (fraction of the view's intensity range, probability ``noise_prob``), solarization of the
+    second global view with probability ``solarize_prob`` (default 0 = off). Intensities are
+    handled relative to each view's min/max (or ``value_range``) and are mapped back to that range
+    afterwards.
 
-    Randomness comes only from ``self.R``. For each call the order is: all boxes, then all flip
-    coins (drawn even in mode "none"), then all intensity parameters. So the same seed gives the
-    same boxes whatever the flip and intensity settings.
+    Randomness: boxes and flip coins come from ``self.R``, all boxes first, then all coins (drawn
+    even in mode "none"), so the same seed gives the same boxes whatever the flip and intensity
+    settings. The four jitters (first global, second global, other globals, locals) draw from
+    their own generators, which :meth:`set_random_state` seeds from ``self.R`` (so ``Compose``,
+    ``set_determinism`` and MONAI's DataLoader workers make the whole transform deterministic).
 
     Args:
         keys: image key(s); several keys are concatenated along channels.
@@ -377,7 +433,7 @@ class MultiCropd(Randomizable, MapTransform):
         blur_prob: Sequence[float] = (1.0, 0.1, 0.5),
         blur_sigma: Sequence[float] = (0.1, 2.0),
         noise_prob: float = 0.2,
-        noise_std: Sequence[float] = (0.0, 0.03),
+        noise_std: float = 0.03,
         solarize_prob: float = 0.0,
         value_range: tuple[float, float] | None = None,
         allow_missing_keys: bool = False,
@@ -402,27 +458,30 @@ class MultiCropd(Randomizable, MapTransform):
         self.flip_spatial_axis = int(flip_spatial_axis)
         self.intensity = bool(intensity)
         self.drop_source = bool(drop_source)
-        self.jitter_prob, self.brightness, self.contrast = float(jitter_prob), float(brightness), float(contrast)
-        self.gamma_prob, self.gamma = float(gamma_prob), tuple(gamma)
-        self.blur_prob, self.blur_sigma = tuple(float(p) for p in blur_prob), tuple(blur_sigma)
-        self.noise_prob, self.noise_std = float(noise_prob), tuple(noise_std)
-        self.solarize_prob = float(solarize_prob)
         self.value_range = value_range
+        jitter = {
+            "jitter_prob": jitter_prob, "brightness": brightness, "contrast": contrast, "gamma_prob": gamma_prob,
+            "gamma": gamma, "blur_sigma": blur_sigma, "noise_prob": noise_prob, "noise_std": noise_std,
+        }
+        bp = tuple(float(p) for p in blur_prob)
+        self.jitters = (
+            view_jitter(blur_prob=bp[0], **jitter),  # first global view
+            view_jitter(blur_prob=bp[1], solarize_prob=solarize_prob, **jitter),  # second global view
+            view_jitter(blur_prob=bp[1], **jitter),  # other global views
+            view_jitter(blur_prob=bp[2], **jitter),  # local views
+        )
+        self._seed_jitters()
 
     # -- randomness -------------------------------------------------------------------
-    def _intensity_params(self, p: ViewParams, blur_p: float, solarize_p: float) -> None:
-        R = self.R
-        if R.rand() < self.jitter_prob:
-            p.brightness = float(R.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness))
-            p.contrast = float(R.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast))
-        if R.rand() < self.gamma_prob:
-            p.gamma = float(math.exp(R.uniform(math.log(self.gamma[0]), math.log(self.gamma[1]))))
-        if R.rand() < blur_p:
-            p.blur_sigma = float(R.uniform(self.blur_sigma[0], self.blur_sigma[1]))
-        if R.rand() < self.noise_prob:
-            p.noise_std = float(R.uniform(self.noise_std[0], self.noise_std[1]))
-            p.noise_seed = int(R.randint(0, 2**31 - 1))
-        p.solarize = bool(R.rand() < solarize_p)
+    def _seed_jitters(self) -> None:
+        for jitter in self.jitters:
+            jitter.set_random_state(seed=int(self.R.randint(MAX_SEED, dtype="uint32")))
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> MultiCropd:
+        """Seed ``self.R`` (boxes, flips) and, from it, the generators of the intensity jitters."""
+        super().set_random_state(seed, state)
+        self._seed_jitters()
+        return self
 
     def randomize(self, data: Sequence[int]) -> tuple[list[ViewParams], list[ViewParams]]:
         """Draw all view parameters for an image of spatial shape ``data = (X, Y)``.
@@ -436,14 +495,13 @@ class MultiCropd(Randomizable, MapTransform):
         for p in g + loc:
             coin = self.R.rand()
             p.flip = self.flip != "none" and coin < self.flip_prob
-        if self.intensity:
-            for i, p in enumerate(g):
-                self._intensity_params(
-                    p, self.blur_prob[0] if i == 0 else self.blur_prob[1], self.solarize_prob if i == 1 else 0.0
-                )
-            for p in loc:
-                self._intensity_params(p, self.blur_prob[2], 0.0)
         return g, loc
+
+    def _jitter(self, view: torch.Tensor, global_index: int | None) -> torch.Tensor:
+        if not self.intensity:
+            return view
+        k = 3 if global_index is None else min(global_index, 2)
+        return _jitter_in_unit_range(view, self.jitters[k], self.value_range)
 
     # -- application ------------------------------------------------------------------
     def _flip(self, x: torch.Tensor) -> torch.Tensor:
@@ -473,12 +531,11 @@ class MultiCropd(Randomizable, MapTransform):
 
         both = image if prior is None else torch.cat([image, prior], 0)
         crops, priors = [], []
-        for p in g_params:
+        for i, p in enumerate(g_params):
             out = crop_and_resize(both, p.box, self.global_size)
             if p.flip:
                 out = self._flip(out)
-            crop = _apply_intensity(out[:c], p, self.value_range) if self.intensity else out[:c]
-            crops.append(crop)
+            crops.append(self._jitter(out[:c], i))
             if prior is not None:
                 pr = out[c:]
                 priors.append(pr[perm] if (p.flip and perm is not None) else pr)
@@ -487,7 +544,7 @@ class MultiCropd(Randomizable, MapTransform):
             out = crop_and_resize(image, p.box, self.local_size)
             if p.flip:
                 out = self._flip(out)
-            locs.append(_apply_intensity(out, p, self.value_range) if self.intensity else out)
+            locs.append(self._jitter(out, None))
 
         g_side, l_side = self.global_size, self.local_size
         d["global_crops"] = torch.stack(crops).contiguous() if crops else image.new_zeros((0, c, g_side, g_side))
@@ -503,81 +560,4 @@ class MultiCropd(Randomizable, MapTransform):
                 d.pop(key, None)
             if prior is not None:
                 d.pop(self.prior_key, None)
-        return d
-
-
-class CenterViewd(MapTransform):
-    """Deterministic evaluation view: the whole image (and its prior and masks) resized to ``size``².
-
-    Output keys: ``view`` ``(C, size, size)`` float32; ``view_prior`` ``(S, size, size)`` float32
-    when ``prior_key`` is present; ``view_label`` ``(K, size, size)`` when ``label_key`` holds
-    masks on the image grid (``(K, x, y)``). With ``label_mode="threshold"`` (default) the masks are
-    resized like the image (bilinear with antialiasing) and thresholded at 0.5 into ``bool``
-    (an output pixel is set when the mask covers at least half of its antialiased footprint,
-    which avoids the aliasing of nearest sampling). With ``"nearest"``, nearest-exact sampling keeps the
-    label dtype (for integer label maps). A label that is not spatial (e.g. a vector of class
-    targets) is left untouched and gives no ``view_label``. The image and prior use the same
-    resize as :class:`MultiCropd`. The whole image is squashed to a square, with no cropping.
-
-    Example::
-
-        >>> out = CenterViewd(size=4)({"image": torch.ones(1, 8, 6), "label": torch.ones(2, 8, 6)})
-        >>> tuple(out["view"].shape), out["view_label"].dtype, bool(out["view_label"].all())
-        ((1, 4, 4), torch.bool, True)
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = ("image",),
-        prior_key: str | None = "prior",
-        size: int = 224,
-        label_key: str | None = "label",
-        label_mode: str = "threshold",
-        drop_source: bool = True,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if label_mode not in ("threshold", "nearest"):
-            raise ValueError(f"label_mode must be 'threshold' or 'nearest', got {label_mode!r}")
-        self.prior_key, self.size, self.label_key = prior_key, int(size), label_key
-        self.label_mode, self.drop_source = label_mode, bool(drop_source)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        keys = [k for k in self.key_iterator(d)]
-        if not keys:
-            return d
-        image, where = _gather_image(d, keys)
-        c = image.shape[0]
-        if self.prior_key is not None and self.prior_key in d:
-            prior = _gather_prior(d, self.prior_key, image, where)
-            out = resize(torch.cat([image, prior], 0), self.size)
-            d["view"], d["view_prior"] = out[:c].contiguous(), out[c:].contiguous()
-            if self.drop_source:
-                d.pop(self.prior_key, None)
-        else:
-            d["view"] = resize(image, self.size)
-        if self.label_key is not None and self.label_key in d:
-            raw = d[self.label_key]
-            if isinstance(raw, MetaTensor):
-                lab = raw.as_tensor()
-            else:
-                lab = raw if isinstance(raw, torch.Tensor) else torch.as_tensor(np.asarray(raw))
-            if lab.ndim == 3:
-                if lab.shape[1:] != image.shape[1:]:
-                    raise DataError(
-                        where,
-                        f"label '{self.label_key}' has shape {tuple(lab.shape)} but the image has shape "
-                        f"{tuple(image.shape)}; masks must be (K, x, y) on the image's spatial grid",
-                    )
-                if self.label_mode == "threshold":
-                    d["view_label"] = resize(lab.to(torch.float32), self.size) > 0.5
-                else:
-                    out = F.interpolate(
-                        lab.unsqueeze(0).to(torch.float32), size=(self.size, self.size), mode="nearest-exact"
-                    )
-                    d["view_label"] = out[0].to(lab.dtype)
-        if self.drop_source:
-            for key in keys:
-                d.pop(key, None)
         return d

@@ -20,21 +20,10 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from medspan.data.transforms import source_name
 from medspan.errors import DataError
 
-__all__ = ["PriorToImaged", "source_name"]
-
-
-def source_name(x: Any, default: str = "<in-memory>") -> str:
-    """The file a (Meta)Tensor was loaded from, for error messages."""
-    meta = getattr(x, "meta", None)
-    if isinstance(meta, Mapping):
-        name = meta.get("filename_or_obj")
-        if isinstance(name, (list, tuple)):
-            name = name[0] if name else None
-        if name:
-            return str(name)
-    return default
+__all__ = ["PriorToImaged"]
 
 
 class PriorToImaged(MapTransform):

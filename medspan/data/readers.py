@@ -1,5 +1,11 @@
 """Image readers: DICOM (2D and series), PNG/JPEG, NIfTI, NRRD/MHA/MHD, and a MONAI ``ImageReader``.
 
+DICOM is medspan's own reader (MONOCHROME1, VOI LUT, files without preamble, JPEG-LS/2000 through
+pydicom's plugins, series checks). PNG/JPEG and NIfTI go through MONAI's ``PILReader`` and
+``NibabelReader``; NRRD/MHA/MHD through SimpleITK (MONAI's ``ITKReader`` needs the ``itk`` package,
+which medspan does not depend on). :func:`read_image` dispatches on what a path is, and
+:class:`MedspanReader` puts it behind ``LoadImage``.
+
 Every reader returns ``(array, meta)`` with the array in MONAI's spatial order (the transpose of
 the numpy/PIL ``(rows, cols)`` view):
 
@@ -43,8 +49,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import ImageReader
+import pydicom
+import SimpleITK as sitk
+from monai.data import ImageReader, NibabelReader, PILReader
 from monai.utils import ensure_tuple
+from nibabel.filebasedimages import ImageFileError
+from PIL import UnidentifiedImageError
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from medspan.errors import DataError
 
@@ -54,6 +72,8 @@ PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES
+"""Every file suffix :func:`read_image` reads by name (a DICOM file may also have none)."""
 
 # ITU-R BT.601 luma weights, the ones PIL's convert("L") uses
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -151,6 +171,21 @@ def _has_suffix(path: PathLike, suffixes: Sequence[str]) -> bool:
     return any(name.endswith(s) for s in suffixes)
 
 
+def image_stem(path: PathLike) -> str:
+    """The file name without its image suffix (longest of :data:`IMAGE_SUFFIXES`, any case).
+
+    Example::
+
+        >>> image_stem("/data/ct/lung_001.nii.gz"), image_stem("/data/LIDC-0001/ct/")
+        ('lung_001', 'ct')
+    """
+    name = Path(str(path).rstrip("/")).name
+    for sfx in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(sfx):
+            return name[: -len(sfx)]
+    return name
+
+
 def _str(value: Any) -> str:
     """A DICOM attribute as a plain string ('' when absent)."""
     return "" if value is None else str(value)
@@ -173,9 +208,6 @@ def has_dicom_preamble(path: PathLike) -> bool:
 
 def _ensure_transfer_syntax(ds):
     """Give a dataset read without (0002,0010) the transfer syntax its encoding was read with."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
     meta = getattr(ds, "file_meta", None)
     if meta is not None and "TransferSyntaxUID" in meta:
         return ds
@@ -191,8 +223,6 @@ def _ensure_transfer_syntax(ds):
 
 def _read_without_preamble(path: Path):
     """A legacy DICOM file without the 128-byte preamble + "DICM", or None if it is not one."""
-    import pydicom
-
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception:  # random bytes make the forced parser fail in many ways
@@ -205,9 +235,6 @@ def _dcmread(path: PathLike):
 
     Files without the "DICM" prefix are accepted only when a forced read finds an image in them.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     p = Path(path)
     if not p.exists():
         raise DataError(path, "file does not exist")
@@ -289,8 +316,6 @@ def _apply_voi(values: np.ndarray, ds, window: Sequence[float] | None) -> tuple[
         center, width = (float(v) for v in window)
         return window_to_unit(values, center, width, "LINEAR"), "window"
     if ds.get("VOILUTSequence"):
-        from pydicom.pixels import apply_voi
-
         item = ds.VOILUTSequence[0]
         depth = int(item.LUTDescriptor[2])
         lut_in = np.rint(values).astype(np.int64)
@@ -314,8 +339,6 @@ def _dicom_values(
     rgb_to_gray_: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """Decoded, rescaled, MONOCHROME1-inverted values ``(rows, cols[, 3])`` float32 and meta."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
-
     raw = _decode(ds, path)
     photometric = _str(ds.get("PhotometricInterpretation", "")).upper()
     meta: dict[str, Any] = {"original_dtype": str(raw.dtype), "rgb_to_gray": False}
@@ -437,9 +460,6 @@ def _series_files(folder_or_files: PathLike | Sequence[PathLike]) -> tuple[str, 
 
 def _load_series_headers(where: str, files: list[Path]) -> tuple[list[tuple[Path, Any]], int]:
     """Read every file; skip non-DICOM and non-image DICOM files (counted); fail on broken ones."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     datasets, ignored = [], 0
     no_pixels: list[tuple[Path, str]] = []
     for f in files:
@@ -603,27 +623,27 @@ def read_dicom_series(folder_or_files: PathLike | Sequence[PathLike]) -> tuple[n
 
 
 def read_pil(path: PathLike, *, rgb_to_gray: bool = True) -> tuple[np.ndarray, dict]:
-    """Read a PNG/JPEG/BMP/TIFF with PIL, exactly as MONAI's PILReader does: ``(x, y)``.
+    """Read a PNG/JPEG/BMP/TIFF with MONAI's ``PILReader``: ``(x, y)``.
 
     The array keeps PIL's dtype (uint8, uint16 for 16-bit PNG, ...). RGB(A)/LA images become
     grey with :func:`rgb_to_gray` (alpha dropped) unless ``rgb_to_gray=False`` (then
-    ``(x, y, C)`` as PILReader). Palette images keep their indices, as PILReader.
+    ``(x, y, C)`` as PILReader gives it). Palette images keep their indices, as PILReader.
 
     Example::
 
         arr, meta = read_pil("mask.png")   # uint8 (W, H), meta["affine"] = eye(4)
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not Path(path).is_file():
         raise DataError(path, "file does not exist")
+    reader = PILReader()  # reverse_indexing: (rows, cols) -> MONAI's (x, y)
     try:
-        img = Image.open(path)
+        img = reader.read(str(path))
         img.load()
+        data, header = reader.get_data(img)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(path, f"cannot read image ({type(e).__name__}: {e})") from e
-    meta: dict[str, Any] = {"format": _str(img.format), "mode": img.mode, "width": img.width, "height": img.height}
-    data = np.asarray(img)
+    meta: dict[str, Any] = {k: header[k] for k in ("mode", "width", "height")}
+    meta["format"] = _str(header["format"])
     meta["original_dtype"] = str(data.dtype)
     meta["rgb_to_gray"] = False
     if data.ndim == 3 and rgb_to_gray:
@@ -632,34 +652,34 @@ def read_pil(path: PathLike, *, rgb_to_gray: bool = True) -> tuple[np.ndarray, d
         elif img.mode in ("LA", "La", "PA"):
             data = np.array(data[..., 0])
         else:
-            data = _gray(np.asarray(img.convert("RGB")))
+            data = _gray(np.swapaxes(np.asarray(img.convert("RGB")), 0, 1))
         meta["rgb_to_gray"] = True
-    array = np.ascontiguousarray(np.swapaxes(data, 0, 1))
+    array = np.ascontiguousarray(data)
     meta.update({"spacing": np.ones(2), "spacing_source": "default", "reader": "PIL"})
     meta["affine"] = np.eye(4)
     return array, _finish_meta(meta, array, 2, path)
 
 
 def read_nifti(path: PathLike) -> tuple[np.ndarray, dict]:
-    """Read a NIfTI (.nii/.nii.gz) with nibabel, as MONAI's NibabelReader: float32 ``(x, y, z[, C])``.
+    """Read a NIfTI (.nii/.nii.gz) with MONAI's ``NibabelReader``: float32 ``(x, y, z[, C])``.
 
-    ``affine`` is the file's (sform/qform) RAS affine. More than 3 dims: the extra dims are
-    flattened into a last channel axis (``original_channel_dim = -1``).
+    ``affine`` is the file's (sform/qform) RAS affine, as NibabelReader gives it. More than 3 dims:
+    the extra dims are flattened into a last channel axis (``original_channel_dim = -1``).
 
     Example::
 
         arr, meta = read_nifti("ct.nii.gz"); meta["affine"]  # == nibabel.load(...).affine
     """
-    import nibabel as nib
-
     if not Path(path).is_file():
         raise DataError(path, "file does not exist")
+    reader = NibabelReader()
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as e:
+        img = reader.read(str(path))
+        data, header = reader.get_data(img)
+        data = np.asarray(data, dtype=np.float32)
+    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as e:
         raise DataError(path, f"cannot read NIfTI ({type(e).__name__}: {e})") from e
+    affine = np.asarray(header["affine"], dtype=np.float64)
     rank = min(data.ndim, 3)
     if data.ndim > 3:
         data = data.reshape(data.shape[:3] + (-1,))
@@ -681,8 +701,6 @@ def read_itk(path: PathLike) -> tuple[np.ndarray, dict]:
 
         arr, meta = read_itk("ct.mha")   # (x, y, z), meta["spacing"] == image.GetSpacing()
     """
-    import SimpleITK as sitk
-
     if not Path(path).is_file():
         raise DataError(path, "file does not exist")
     try:

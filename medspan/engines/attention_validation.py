@@ -28,10 +28,16 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from torch import nn
 
+from medspan.eval.attention_seg import (
+    attention_ap,
+    attention_dice,
+    attention_to_maps,
+    summarize_heads,
+)
+from medspan.eval.overlay import attention_overlay
 from medspan.io import write_json_atomic
-from medspan.eval.attention_seg import attention_ap, attention_dice, attention_to_maps, summarize_heads
 
-__all__ = ["AttentionProbe", "AttentionSegMetric", "AttentionSegReport", "write_json_atomic", "head_map"]
+__all__ = ["AttentionProbe", "AttentionSegMetric", "AttentionSegReport", "head_map"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +127,14 @@ class AttentionSegMetric(Metric):
             self._dice_sum += torch.where(okd, dice, 0).double()
             self._dice_n += okd.double()
 
+    def completed(self, engine: Engine, name: str) -> None:
+        """Compute the value as ignite does, and list this metric (with its tables) in
+        ``engine.state.attention_seg[name]`` for :class:`AttentionSegReport`."""
+        super().completed(engine, name)
+        found = getattr(engine.state, "attention_seg", None) or {}
+        found[name] = self
+        engine.state.attention_seg = found
+
     def compute(self) -> float:
         if self._ap_sum is None:
             raise RuntimeError("AttentionSegMetric needs at least one validation image")
@@ -180,12 +194,10 @@ class AttentionSegReport:
         self._sample = {k: torch.as_tensor(out[k])[:n].detach().float().cpu() for k in ("image", "pred", "label")}
 
     def _metric(self, engine: Engine) -> AttentionSegMetric:
-        for handler_list in engine._event_handlers.values():
-            for h, args, _ in handler_list:
-                owner = getattr(h, "__self__", None)
-                if isinstance(owner, AttentionSegMetric):
-                    return owner
-        raise RuntimeError(f"no AttentionSegMetric attached to the evaluator (name {self.metric_name!r})")
+        metric = (getattr(engine.state, "attention_seg", None) or {}).get(self.metric_name)
+        if metric is None:
+            raise RuntimeError(f"no AttentionSegMetric attached to the evaluator (name {self.metric_name!r})")
+        return metric
 
     def _report(self, engine: Engine) -> None:
         metric = self._metric(engine)
@@ -223,8 +235,6 @@ class AttentionSegReport:
             self._overlay(metric, epoch)
 
     def _overlay(self, metric: AttentionSegMetric, epoch: int) -> None:
-        from medspan.eval.overlay import attention_overlay
-
         s = self._sample
         assert s is not None
         names = {h: metric.structures[t] for h, t in metric.head_to_structure.items()}

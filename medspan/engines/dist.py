@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["rank", "world_size", "is_main_rank", "init_process_group", "destroy_process_group"]
+__all__ = ["destroy_process_group", "init_process_group", "is_main_rank", "rank", "world_size"]
 
 
 def rank() -> int:
@@ -17,7 +18,7 @@ def rank() -> int:
 
 
 def world_size() -> int:
-    """Number of processes (1 without a process group)."""
+    """Number of processes (1 without a process group); checkpoints keep one random state per rank."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -33,8 +34,6 @@ def init_process_group(backend: str | None = None) -> bool:
 
     Returns False (and does nothing) when not launched by torchrun.
     """
-    import torch
-
     if "RANK" not in os.environ or (dist.is_available() and dist.is_initialized()):
         return False
     if backend is None:

@@ -2,7 +2,10 @@
 
 - :class:`ProgressBarHandler` -- ignite's tqdm progress bar showing the loss terms.
 - :class:`ExportWeights` -- at ``COMPLETED`` writes the final weights (``model.pt``: teacher backbone,
-  the network used downstream; ``student.pt``) atomically, before tracking handlers log them.
+  the network used downstream; ``student.pt``) atomically, before tracking handlers log them. Weights
+  holding a NaN or an infinity are refused (:class:`~medspan.errors.TrainingError` naming the tensors,
+  nothing written); a full disk raises :class:`~medspan.engines.checkpoint.StorageError` with the path
+  and "no space left on device", leaving no partial file.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from torch import nn
 
-from medspan.engines.checkpoint import atomic_torch_save
+from medspan.engines.checkpoint import atomic_torch_save, check_finite
+from medspan.engines.dist import is_main_rank
+from medspan.engines.pretrain import loss_terms
 
-__all__ = ["ProgressBarHandler", "ExportWeights"]
+__all__ = ["ExportWeights", "ProgressBarHandler"]
 
 
 class ProgressBarHandler:
@@ -39,19 +45,18 @@ class ProgressBarHandler:
     def attach(self, engine: Engine) -> None:
         if self.disable or (self.only_tty and not sys.stderr.isatty()):
             return
-        from ignite.handlers import ProgressBar
-
-        from medspan.engines.pretrain import loss_terms
-
         ProgressBar(persist=False, ncols=100).attach(engine, output_transform=loss_terms(self.keys))
 
 
 class ExportWeights:
     """Write final weights at ``Events.COMPLETED`` (atomic), e.g. ``{"model.pt": teacher.backbone}``.
 
+    Every module is checked before any file is written: if one holds a non-finite tensor, none is
+    written (a previous export stays as it was).
+
     Args:
         output_dir: folder of the files.
-        modules: file name -> module whose ``state_dict`` is saved.
+        modules: file name -> module whose ``state_dict`` is saved (DDP wrappers are unwrapped).
     """
 
     def __init__(self, output_dir: str | os.PathLike, modules: Mapping[str, nn.Module]) -> None:
@@ -62,11 +67,18 @@ class ExportWeights:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> list[Path]:
-        from medspan.engines.dist import is_main_rank
-
         if not is_main_rank():
             return []
+        states = {name: getattr(m, "module", m).state_dict() for name, m in self.modules.items()}
+        where = f" after epoch {engine.state.epoch}" if engine is not None else ""
+        for name, state in states.items():
+            check_finite(
+                state,
+                f"{self.output_dir / name} (exported weights{where})",
+                "No weights were exported; an earlier export, if any, is unchanged. Training stopped.",
+            )
         return [
-            atomic_torch_save(getattr(m, "module", m).state_dict(), self.output_dir / name)
-            for name, m in self.modules.items()
+            atomic_torch_save(state, self.output_dir / name, check=False, what="the exported weights",
+                              kept="An earlier export, if any, is unchanged.")
+            for name, state in states.items()
         ]

@@ -8,11 +8,15 @@ One iteration:
 2. the student embeds all crops, and returns the last block's CLS->patch attention of the global crops
    with gradient;
 3. ``loss = DINO(student, teacher) + w_prior * SPAN(attention, warped priors) [+ w_sar * SAR(attention logits)]``;
-4. backward, gradient clipping, optimizer step (LR / weight decay from per-iteration schedules),
-   the last layer of the DINO head is frozen during the first epochs, then the EMA update of the teacher.
+4. the shared update (:class:`medspan.engines.step.TrainStep`): backward, gradient clipping (global
+   norm, or per parameter as DINO with ``clip_mode="per_param"``), the last layer of the DINO head
+   frozen during the first epochs, optimizer step (LR / weight decay from per-iteration schedules),
+   EMA update of the teacher.
 
-A non-finite loss stops the run with :class:`medspan.errors.TrainingError` naming the epoch, the
-iteration and the cases of the batch; checkpoints written at earlier epochs stay as they were.
+A non-finite loss, gradient or weight stops the run with :class:`medspan.errors.TrainingError`
+naming the epoch, the iteration, the first offending tensors and the cases of the batch, before
+any checkpoint or export handler of that iteration / epoch runs: checkpoints written at earlier
+epochs stay as they were, and no non-finite weights are saved.
 
 Batches are dicts produced by :class:`medspan.data.multicrop.MultiCropd` and collated by MONAI's
 ``DataLoader``::
@@ -25,14 +29,20 @@ Batches are dicts produced by :class:`medspan.data.multicrop.MultiCropd` and col
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from monai.engines import Trainer
 from torch import nn
 
+from medspan.engines.step import (
+    Schedule,
+    StepTrainer,
+    apply_schedules,
+    case_ids,
+    param_groups,
+    schedule_value,
+)
 from medspan.errors import TrainingError
 
 __all__ = ["SelfDistillationTrainer", "apply_schedules", "case_ids", "loss_terms", "param_groups", "schedule_value"]
@@ -53,80 +63,7 @@ def loss_terms(keys: Sequence[str] = ("loss", "dino", "prior")) -> Callable[[Any
     return _terms
 
 
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Split parameters into a weight-decayed group and a group without decay (biases, norms, tokens).
-
-    Args:
-        model: the student (backbone + head).
-
-    Returns:
-        two optimizer parameter groups; the second has ``weight_decay = 0`` and the flag ``no_decay``.
-
-    Example::
-
-        opt = torch.optim.AdamW(param_groups(student), lr=5e-4)
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_decay": True}]
-
-
-def schedule_value(schedule: float | Sequence[float] | np.ndarray | None, index: int, default: float = 0.0) -> float:
-    """Value of a per-iteration schedule at ``index`` (clamped to its last entry); a scalar is constant."""
-    if schedule is None:
-        return default
-    if isinstance(schedule, (int, float)):
-        return float(schedule)
-    n = len(schedule)
-    if n == 0:
-        return default
-    return float(schedule[min(index, n - 1)])
-
-
-def apply_schedules(
-    optimizer: torch.optim.Optimizer,
-    it: int,
-    lr_schedule: float | Sequence[float] | np.ndarray | None,
-    wd_schedule: float | Sequence[float] | np.ndarray | None,
-    momentum_schedule: float | Sequence[float] | np.ndarray | None,
-) -> dict[str, float]:
-    """Set iteration ``it``'s learning rate (all groups) and weight decay (groups without ``no_decay``).
-
-    Returns ``{"lr", "wd", "momentum"}`` (``lr`` / ``wd`` only when their schedule is given; the EMA
-    momentum defaults to 0.996).
-    """
-    values: dict[str, float] = {}
-    if lr_schedule is not None:
-        lr = schedule_value(lr_schedule, it)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        values["lr"] = lr
-    if wd_schedule is not None:
-        wd = schedule_value(wd_schedule, it)
-        for g in optimizer.param_groups:
-            if not g.get("no_decay", False):
-                g["weight_decay"] = wd
-        values["wd"] = wd
-    values["momentum"] = schedule_value(momentum_schedule, it, default=0.996)
-    return values
-
-
-def case_ids(batch: Mapping) -> str:
-    """The first 8 ``case_id`` of a batch, for error messages (``"unknown cases"`` without ids)."""
-    ids = batch.get("case_id")
-    if ids is None:
-        return "unknown cases"
-    ids = list(ids)
-    return ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
-
-
-class SelfDistillationTrainer(Trainer):
+class SelfDistillationTrainer(StepTrainer):
     """DINO self-distillation with an optional anatomical attention prior and spatial-entropy loss.
 
     Args:
@@ -145,11 +82,17 @@ class SelfDistillationTrainer(Trainer):
         sar_loss: optional spatial-entropy loss called as ``sar_loss(cls_logits, grid)``.
         sar_weight: its weight (scalar or schedule).
         clip_grad: max gradient norm (None: no clipping).
+        clip_mode: ``"global"`` (one norm over all gradients, the default) or ``"per_param"``
+            (each parameter's gradient norm clipped on its own, as DINO); see
+            :class:`medspan.engines.step.TrainStep`.
         freeze_last_layer: epochs during which the last layer of the DINO head gets no update.
         amp: autocast (bfloat16 by default) on CUDA; ignored on CPU.
         amp_dtype: autocast dtype.
         handlers: MONAI / ignite handlers to attach.
         epoch_length: iterations per epoch (default: ``len(train_data_loader)``).
+
+    The prior and SAR losses index heads by their position in the last block, so the student always
+    returns the attention of every head (the cost is one CLS row per head).
 
     Example::
 
@@ -167,13 +110,13 @@ class SelfDistillationTrainer(Trainer):
         teacher: nn.Module,
         dino_loss: nn.Module,
         optimizer: torch.optim.Optimizer,
-        lr_schedule: float | Sequence[float] | np.ndarray | None = None,
-        wd_schedule: float | Sequence[float] | np.ndarray | None = None,
-        momentum_schedule: float | Sequence[float] | np.ndarray | None = 0.996,
+        lr_schedule: Schedule | None = None,
+        wd_schedule: Schedule | None = None,
+        momentum_schedule: Schedule | None = 0.996,
         prior_loss: nn.Module | None = None,
-        prior_weight: float | Sequence[float] | np.ndarray = 1.0,
+        prior_weight: Schedule = 1.0,
         sar_loss: nn.Module | None = None,
-        sar_weight: float | Sequence[float] | np.ndarray = 0.0,
+        sar_weight: Schedule = 0.0,
         clip_grad: float | None = 3.0,
         freeze_last_layer: int = 1,
         amp: bool = False,
@@ -183,46 +126,37 @@ class SelfDistillationTrainer(Trainer):
         global_key: str = "global_crops",
         local_key: str = "local_crops",
         prior_key: str = "global_priors",
-        attention_heads: Sequence[int] | None = None,
         iteration_update: Callable | None = None,
+        clip_mode: str = "global",
     ) -> None:
         super().__init__(
-            device=torch.device(device) if isinstance(device, str) else device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
+            device,
+            max_epochs,
+            train_data_loader,
+            student,
+            optimizer,
+            teacher=teacher,
+            lr_schedule=lr_schedule,
+            wd_schedule=wd_schedule,
+            momentum_schedule=momentum_schedule,
+            clip_grad=clip_grad,
+            clip_mode=clip_mode,
+            freeze_last_layer=freeze_last_layer,
+            amp=amp,
+            amp_dtype=amp_dtype,
             epoch_length=epoch_length,
             iteration_update=iteration_update,
-            handlers=None,
-            amp=False,
-            decollate=False,
         )
         self.student = student
-        self.teacher = teacher
-        self.network = student  # the name MONAI handlers look for
         self.dino_loss = dino_loss
-        self.optimizer = optimizer
-        self.lr_schedule = lr_schedule
-        self.wd_schedule = wd_schedule
-        self.momentum_schedule = momentum_schedule
         self.prior_loss = prior_loss
         self.prior_weight = prior_weight
         self.sar_loss = sar_loss
         self.sar_weight = sar_weight
-        self.clip_grad = clip_grad
-        self.freeze_last_layer = int(freeze_last_layer)
-        self.use_amp = bool(amp) and self.state.device.type == "cuda"
-        self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
         self.global_key, self.local_key, self.prior_key = global_key, local_key, prior_key
-        self.attention_heads = None if attention_heads is None else list(attention_heads)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        if handlers:
-            self._register_handlers(handlers)
+        self.attach_handlers(handlers)
 
     # ------------------------------------------------------------------ helpers
-    def _set_schedules(self, it: int) -> dict[str, float]:
-        return apply_schedules(self.optimizer, it, self.lr_schedule, self.wd_schedule, self.momentum_schedule)
-
     def _views(self, batch: dict, key: str) -> list[torch.Tensor]:
         """(B, V, C, *S) -> list of V tensors (B, C, *S) on the device."""
         x = batch.get(key)
@@ -237,7 +171,7 @@ class SelfDistillationTrainer(Trainer):
             raise ValueError("Must provide batch data for current iteration.")
         it = engine.state.iteration - 1
         epoch = engine.state.epoch - 1  # 0-based, as DINO's schedules
-        sched = self._set_schedules(it)
+        sched = self.begin_iteration()
         globals_ = self._views(batchdata, self.global_key)
         locals_ = self._views(batchdata, self.local_key)
         if not globals_:
@@ -249,13 +183,11 @@ class SelfDistillationTrainer(Trainer):
 
         self.student.train()
         self.teacher.train()
-        autocast = torch.autocast(self.state.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
-        with autocast:
+        with self.autocast():
             with torch.no_grad():
                 teacher_out = self.teacher(globals_)
-            if need_attn:
-                student_out, feats = self.student(globals_ + locals_, return_attention=True,
-                                                  attn_heads=self.attention_heads)
+            if need_attn:  # every head, in position order: the losses index heads by position
+                student_out, feats = self.student(globals_ + locals_, return_attention=True)
             else:
                 student_out, feats = self.student(globals_ + locals_), None
             dino = self.dino_loss(student_out.float(), teacher_out.float(), epoch)
@@ -275,34 +207,12 @@ class SelfDistillationTrainer(Trainer):
                 loss = loss + w_sar * sar
                 terms["sar"] = sar
 
-        if not torch.isfinite(loss):
-            bad = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            raise TrainingError(
-                f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} ({bad}); "
-                f"cases: {case_ids(batchdata)}. Training stopped; the last checkpoint written before this "
-                "epoch is intact."
-            )
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = None
-        if self.clip_grad:
-            grad_norm = float(nn.utils.clip_grad_norm_(self.student.parameters(), self.clip_grad))
-        if epoch < self.freeze_last_layer:
-            for name, p in self.student.named_parameters():
-                if "last_layer" in name:
-                    p.grad = None
-        self.optimizer.step()
-
-        from medspan.ssl.teacher import ema_update
-
-        ema_update(self.student, self.teacher, sched["momentum"])
+        step = self.update(loss, sched, terms, batchdata)  # checks, backward, clip, freeze, step, EMA
 
         out: dict[str, float] = {"loss": float(loss.detach())}
         out.update({k: float(v.detach()) for k, v in terms.items()})
         out.update(sched)
         out["w_prior"] = w_prior
-        if grad_norm is not None:
-            out["grad_norm"] = grad_norm
+        out.update(step)
         engine.state.output = [out]  # MONAI's decollated convention: batch-level values in item 0
         return engine.state.output

@@ -1,8 +1,8 @@
 """SMARTFormer (DAGMaN) pretraining engine on MONAI engines.
 
-:class:`SmartTrainer` is a :class:`monai.engines.Trainer` (an ignite ``Engine``), a sibling of
-:class:`medspan.engines.pretrain.SelfDistillationTrainer` that reuses its helpers (``param_groups``,
-``schedule_value``, ``loss_terms``). One iteration, for two views u and v of a CT crop:
+:class:`SmartTrainer` is a :class:`medspan.engines.step.StepTrainer` (a :class:`monai.engines.Trainer`,
+an ignite ``Engine``), a sibling of :class:`medspan.engines.pretrain.SelfDistillationTrainer` sharing
+its update step and schedules. One iteration, for two views u and v of a CT crop:
 
 1. **noisy teacher** (EMA of the student, no gradient): patch dropout (:class:`~medspan.ssl.teacher.PatchDropout`)
    zeroes a random ``ratio`` of each view's input patch tokens -> û, v̂; one batched forward gives the
@@ -15,9 +15,11 @@
    teacher(v̂) -> student(ũ) + ``w_gitd *`` pooled stage-4 distillation teacher(v̂) -> student(ũ)
    [+ ``w_prior *`` SPAN prior on the student's SA heads (3D priors cropped with the views)];
    with ``symmetric=True`` the student also sees ṽ and the roles swap (twice the student cost);
-4. backward, gradient clipping, AdamW step (per-iteration LR / weight-decay schedules), the DINO
-   heads' last layers frozen during the first epochs, EMA update of the teacher; the centres of
-   the three distillation losses are updated from all the teacher's outputs of the step.
+4. the shared update (:class:`medspan.engines.step.TrainStep`): backward, gradient clipping (global
+   norm, or per parameter with ``clip_mode="per_param"``), the DINO heads' last layers frozen during
+   the first epochs, AdamW step (per-iteration LR / weight-decay schedules), EMA update of the
+   teacher; then the centres of the three distillation losses are updated from all the teacher's
+   outputs of the step.
 
 Batches (collated by MONAI's ``DataLoader`` from :class:`medspan.data.ct_views.RandCropViewsd`)::
 
@@ -25,8 +27,9 @@ Batches (collated by MONAI's ``DataLoader`` from :class:`medspan.data.ct_views.R
     view_priors  (B, V, P, *S)      priors cropped with the same boxes (only with a prior loss)
     case_id      list[str]          optional, named in error messages
 
-A non-finite loss stops the run with :class:`~medspan.errors.TrainingError` naming the epoch, the
-iteration and the cases; checkpoints of earlier epochs stay intact.
+A non-finite loss, gradient or weight stops the run with :class:`~medspan.errors.TrainingError`
+naming the epoch, the iteration, the first offending tensors and the cases, before any checkpoint or
+export handler of that iteration / epoch runs; checkpoints of earlier epochs stay intact.
 
 Example::
 
@@ -44,20 +47,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.engines import Trainer
 from torch import nn
 
-from medspan.engines.pretrain import apply_schedules, case_ids, schedule_value
+from medspan.engines.dist import is_main_rank
+from medspan.engines.step import Schedule, StepTrainer, case_ids, schedule_value, unwrap
 from medspan.errors import TrainingError
 from medspan.io import write_json_atomic
-from medspan.ssl.masking import MaskingPolicy, upsample_mask
 from medspan.losses.smart import DistillCE, masked_l1
-from medspan.ssl.teacher import PatchDropout, ema_update
+from medspan.ssl.masking import MaskingPolicy, upsample_mask
+from medspan.ssl.teacher import PatchDropout
 
-__all__ = ["DEFAULT_WEIGHTS", "LOSS_TERMS", "LossTermAverager", "SmartTrainer", "finish_smart", "format_losses"]
+__all__ = ["DEFAULT_WEIGHTS", "LOSS_TERMS", "LossTermAverager", "SmartTrainer", "format_losses"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +70,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {"rec": 1.0, "ampd": 0.1, "aitd": 0.1, "gitd
 """DAGMaN's weights: reconstruction 1, the three distillation terms 0.1 each."""
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    return getattr(m, "module", m)
-
-
-class SmartTrainer(Trainer):
+class SmartTrainer(StepTrainer):
     """SMARTFormer pretraining: noisy EMA teacher, attention-guided masking, four loss terms.
 
     Args:
@@ -96,6 +94,8 @@ class SmartTrainer(Trainer):
             :func:`~medspan.losses.spatial_entropy.sar_schedule`).
         symmetric: also train the student on the second view (roles of u and v swapped).
         clip_grad: max gradient norm (None: off).
+        clip_mode: ``"global"`` (one norm over all gradients, the default) or ``"per_param"`` (each
+            parameter's gradient clipped on its own, as DINO); see :class:`medspan.engines.step.TrainStep`.
         freeze_last_layer: epochs during which the heads' ``last_layer`` gets no update.
         amp: autocast (bf16 by default) on CUDA; ignored on CPU.
         handlers: MONAI / ignite handlers to attach.
@@ -122,14 +122,14 @@ class SmartTrainer(Trainer):
         global_loss: DistillCE,
         masking: MaskingPolicy | None = None,
         noise: PatchDropout | None = None,
-        lr_schedule: float | Sequence[float] | np.ndarray | None = None,
-        wd_schedule: float | Sequence[float] | np.ndarray | None = None,
-        momentum_schedule: float | Sequence[float] | np.ndarray | None = 0.996,
+        lr_schedule: Schedule | None = None,
+        wd_schedule: Schedule | None = None,
+        momentum_schedule: Schedule | None = 0.996,
         weights: Mapping[str, float] | None = None,
         prior_loss: nn.Module | None = None,
-        prior_weight: float | Sequence[float] | np.ndarray = 0.0,
+        prior_weight: Schedule = 0.0,
         sar_loss: nn.Module | None = None,
-        sar_weight: float | Sequence[float] | np.ndarray = 0.0,
+        sar_weight: Schedule = 0.0,
         symmetric: bool = False,
         clip_grad: float | None = 3.0,
         freeze_last_layer: int = 1,
@@ -141,24 +141,30 @@ class SmartTrainer(Trainer):
         prior_key: str = "view_priors",
         keep_preview: bool = True,
         iteration_update: Callable | None = None,
+        clip_mode: str = "global",
     ) -> None:
         super().__init__(
-            device=torch.device(device) if isinstance(device, str) else device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
+            device,
+            max_epochs,
+            train_data_loader,
+            student,
+            optimizer,
+            teacher=teacher,
+            lr_schedule=lr_schedule,
+            wd_schedule=wd_schedule,
+            momentum_schedule=momentum_schedule,
+            clip_grad=clip_grad,
+            clip_mode=clip_mode,
+            freeze_last_layer=freeze_last_layer,
+            amp=amp,
+            amp_dtype=amp_dtype,
             epoch_length=epoch_length,
             iteration_update=iteration_update,
-            handlers=None,
-            amp=False,
-            decollate=False,
         )
-        self.student, self.teacher = student, teacher
-        self.network = student  # the name MONAI handlers look for
-        self.optimizer = optimizer
+        self.student = student
         self.patch_loss, self.cls_loss, self.global_loss = patch_loss, cls_loss, global_loss
         self.masking = masking if masking is not None else MaskingPolicy("attention")
         self.noise = noise
-        self.lr_schedule, self.wd_schedule, self.momentum_schedule = lr_schedule, wd_schedule, momentum_schedule
         unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown loss weights {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
@@ -166,21 +172,12 @@ class SmartTrainer(Trainer):
         self.prior_loss, self.prior_weight = prior_loss, prior_weight
         self.sar_loss, self.sar_weight = sar_loss, sar_weight
         self.symmetric = bool(symmetric)
-        self.clip_grad = clip_grad
-        self.freeze_last_layer = int(freeze_last_layer)
-        self.use_amp = bool(amp) and self.state.device.type == "cuda"
-        self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
         self.view_key, self.prior_key = view_key, prior_key
         self.keep_preview = bool(keep_preview)
         self.preview: dict[str, torch.Tensor] | None = None
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        if handlers:
-            self._register_handlers(handlers)
+        self.attach_handlers(handlers)
 
     # ------------------------------------------------------------------ helpers
-    def _set_schedules(self, it: int) -> dict[str, float]:
-        return apply_schedules(self.optimizer, it, self.lr_schedule, self.wd_schedule, self.momentum_schedule)
 
     def _views(self, batch: Mapping, key: str, what: str) -> torch.Tensor:
         x = batch.get(key)
@@ -199,11 +196,11 @@ class SmartTrainer(Trainer):
             raise ValueError("Must provide batch data for current iteration.")
         it = engine.state.iteration - 1
         epoch = engine.state.epoch - 1  # 0-based, as DINO's schedules
-        sched = self._set_schedules(it)
+        sched = self.begin_iteration()
         views = self._views(batchdata, self.view_key, "the two crops of each volume")
         u, v = views[:, 0], views[:, 1]
         b = u.shape[0]
-        backbone = _unwrap(self.student).backbone
+        backbone = unwrap(self.student).backbone
         patch_grid, grid3 = backbone.grids(u.shape[2:])
         dev = self.state.device
         w_prior = schedule_value(self.prior_weight, it) if self.prior_loss is not None else 0.0
@@ -211,8 +208,7 @@ class SmartTrainer(Trainer):
 
         self.student.train()
         self.teacher.train()
-        autocast = torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.use_amp)
-        with autocast:
+        with self.autocast():
             # 1. noisy teacher on both views, one batched forward
             with torch.no_grad():
                 drop = self.noise(2 * b, patch_grid, dev) if self.noise is not None else None
@@ -254,25 +250,7 @@ class SmartTrainer(Trainer):
                 terms["sar"] = self.sar_loss(s.features.cls_logits.float(), s.features.grid)
                 loss = loss + w_sar * terms["sar"]
 
-        if not torch.isfinite(loss):
-            bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-            raise TrainingError(
-                f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} ({bad}); "
-                f"cases: {case_ids(batchdata)}. Training stopped; the last checkpoint written before this "
-                "epoch is intact."
-            )
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = None
-        if self.clip_grad:
-            grad_norm = float(nn.utils.clip_grad_norm_(self.student.parameters(), self.clip_grad))
-        if epoch < self.freeze_last_layer:
-            for name, p in self.student.named_parameters():
-                if "last_layer" in name:
-                    p.grad = None
-        self.optimizer.step()
-        ema_update(_unwrap(self.student), self.teacher, sched["momentum"])
+        step = self.update(loss, sched, terms, batchdata)  # checks, backward, clip, freeze, step, EMA
         with torch.no_grad():  # centres from every teacher output of the step (both views)
             self.patch_loss.update_center(t.patch_proj.reshape(-1, t.patch_proj.shape[-1]).float())
             self.cls_loss.update_center(t.cls_proj.float())
@@ -293,8 +271,7 @@ class SmartTrainer(Trainer):
         out["w_prior"] = w_prior
         out["mask_fraction"] = float(voxel_mask.float().mean())
         out["noise_fraction"] = float(drop.float().mean()) if drop is not None else 0.0
-        if grad_norm is not None:
-            out["grad_norm"] = grad_norm
+        out.update(step)
         engine.state.output = [out]  # MONAI's decollated convention: batch-level values in item 0
         return engine.state.output
 
@@ -348,17 +325,8 @@ class LossTermAverager:
         self.history.append({"epoch": int(engine.state.epoch), **means})
         engine.state.metrics.update({f"epoch/{k}": v for k, v in means.items()})
         if self.output_dir is not None:
-            from medspan.engines.dist import is_main_rank
-
             if is_main_rank():
                 write_json_atomic(self.history, self.output_dir / "losses.json")
-
-
-def _load(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def format_losses(means: Mapping[str, float], weights: Mapping[str, float] | None = None) -> str:
@@ -382,50 +350,3 @@ def format_losses(means: Mapping[str, float], weights: Mapping[str, float] | Non
     head = ["term", "what", "mean", "weight", "weighted"]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows])
-
-
-def finish_smart(
-    output_dir: str | os.PathLike,
-    hparams: Mapping[str, Any],
-    *,
-    evaluator: Any = None,
-    final_epoch: int | None = None,
-    weights: Mapping[str, float] | None = None,
-    datalist: str | os.PathLike | None = None,
-    title: str = "SMARTFormer (teacher SA-branch CLS attention)",
-) -> dict[str, Any]:
-    """End of a ``smartformer_ct`` run: final validation if needed, ``final_summary.json``, printed tables.
-
-    Prints the per-term loss means of the last epoch and the attention-segmentation AP per structure
-    (best head, or assigned vs best free head when a prior guides heads).
-
-    Returns:
-        the record written to ``final_summary.json``: the last validation summary, ``hparams``,
-        ``losses`` (per-epoch means) and ``datalist``.
-    """
-    from medspan.eval.attention_seg import format_summary
-
-    out = Path(output_dir)
-    latest = _load(out / "latest_summary.json")
-    if evaluator is not None and final_epoch and (latest is None or latest.get("epoch") != final_epoch):
-        evaluator.run(final_epoch)
-        latest = _load(out / "latest_summary.json")
-    if latest is None:
-        raise RuntimeError(f"{out / 'latest_summary.json'}: no validation summary; did validation run?")
-    losses = _load(out / "losses.json") or []
-    record = {
-        **latest,
-        "hparams": dict(hparams),
-        "losses": losses,
-        "datalist": None if datalist is None else str(datalist),
-    }
-    write_json_atomic(record, out / "final_summary.json")
-    if losses:
-        last = losses[-1]
-        print(f"\n[medspan] loss terms, mean over epoch {last['epoch']}")
-        print(format_losses({k: v for k, v in last.items() if k != "epoch"}, weights), flush=True)
-    n_heads = len(latest["ap_table"]) if latest.get("ap_table") else 0
-    note = f" (h{n_heads - 1} = mean of the heads)" if latest.get("mean_head") else ""
-    print(f"\n[medspan] attention-map segmentation, epoch {latest['epoch']}, {title}: AP (0-100) per structure{note}")
-    print(format_summary(latest["summary"]), flush=True)
-    return record

@@ -35,10 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from medspan.engines.attention_validation import AttentionSegMetric, AttentionSegReport
-from medspan.io import atomic_write
+from medspan.engines.dist import is_main_rank
+from medspan.eval.overlay import GAP, TITLE_HEIGHT, attention_overlay, heat_colormap
+from medspan.inference.writers import image_stems
+from medspan.io import write_json_atomic, write_nifti_atomic, write_png_atomic
 
 __all__ = [
     "AttentionSegReport3D",
@@ -125,8 +129,6 @@ def write_attention_slices(
         titles: H panel titles.
         stem: path without suffix.
     """
-    from medspan.eval.overlay import attention_overlay
-
     img = image[0] if image.ndim == 4 else image
     z, y = best_slices(label, img.shape)
     written = []
@@ -151,13 +153,6 @@ def write_attention_slices(
 def _affine(x: Any) -> np.ndarray:
     aff = getattr(x, "affine", None)
     return np.eye(4) if aff is None else np.asarray(torch.as_tensor(aff).detach().cpu(), dtype=float)
-
-
-def _save_maps_nifti(maps: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    import nibabel as nib
-
-    vol = np.moveaxis(maps, 0, -1).astype(np.float32)  # (x, y, z, H)
-    return atomic_write(path, lambda t: nib.save(nib.Nifti1Image(vol, affine), t))
 
 
 class AttentionSegReport3D(AttentionSegReport):
@@ -195,8 +190,6 @@ class AttentionSegReport3D(AttentionSegReport):
         super()._report(engine)
         if self.last_summary is not None and self.last_summary.get("epoch") == int(engine.state.epoch):
             self.last_summary["mean_head"] = self.mean_head
-            from medspan.io import write_json_atomic
-
             epoch = int(engine.state.epoch)
             write_json_atomic(self.last_summary, self.output_dir / "attention" / f"summary_epoch={epoch}.json")
             write_json_atomic(self.last_summary, self.output_dir / "latest_summary.json")
@@ -214,7 +207,8 @@ class AttentionSegReport3D(AttentionSegReport):
             try:
                 maps = s["pred"][i].numpy()
                 aff = self._affines[i] if i < len(self._affines) else np.eye(4)
-                _save_maps_nifti(maps, aff, self.output_dir / "attention" / f"maps_epoch={epoch}_img{i}.nii.gz")
+                path = self.output_dir / "attention" / f"maps_epoch={epoch}_img{i}.nii.gz"
+                write_nifti_atomic(maps, path, aff, channel_dim=0)  # (x, y, z, H)
                 write_attention_slices(
                     s["image"][i].numpy(),
                     maps,
@@ -256,8 +250,6 @@ class ReconstructionPreview:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> Path | None:
-        from medspan.engines.dist import is_main_rank
-
         epoch = int(engine.state.epoch)
         if (epoch % self.every and epoch != engine.state.max_epochs) or not is_main_rank():
             return None
@@ -275,10 +267,6 @@ class ReconstructionPreview:
     @staticmethod
     def render(p: dict[str, torch.Tensor], path: str | os.PathLike, zoom: int = 3) -> Path:
         """Draw the preview of one kept sample (see the class docstring) into ``path``."""
-        from PIL import Image, ImageDraw, ImageFont
-
-        from medspan.eval.overlay import GAP, TITLE_HEIGHT, heat_colormap
-
         img = p["image"].float().cpu().numpy()[0]  # (x, y, z)
         rec = p["recon"].float().cpu().numpy()[0]
         vmask = p["mask"].cpu().numpy().astype(bool)
@@ -314,7 +302,7 @@ class ReconstructionPreview:
                 tile = Image.fromarray(np.clip(np.rint(panel), 0, 255).astype(np.uint8), mode="RGB")
                 tile = tile.resize((pw, ph), Image.Resampling.NEAREST)
                 canvas.paste(tile, (k * (pw + GAP), TITLE_HEIGHT + r * (ph + GAP)))
-        return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"), suffix=".png")
+        return write_png_atomic(canvas, path)
 
 
 class AttentionVolumeWriter:
@@ -336,17 +324,15 @@ class AttentionVolumeWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from medspan.inference.writers import AttentionMapWriter
-
         out = engine.state.output
         images, maps = out["image"], out["pred"]
-        names = AttentionMapWriter._names(images)
+        names = image_stems(images)
         for b in range(maps.shape[0]):
             m = maps[b].detach().float().cpu().numpy()
             img = torch.as_tensor(images[b]).detach().float().cpu().numpy()
             titles = self.head_titles or [f"head {h}" for h in range(m.shape[0])]
             self.written.append(
-                _save_maps_nifti(m, _affine(images[b]), self.output_dir / f"{names[b]}_attention.nii.gz")
+                write_nifti_atomic(m, self.output_dir / f"{names[b]}_attention.nii.gz", _affine(images[b]), channel_dim=0)
             )
             self.written += write_attention_slices(img, m, None, titles[: m.shape[0]], self.output_dir / names[b])
 
@@ -411,8 +397,6 @@ class AttentionSnapshot:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from medspan.engines.dist import is_main_rank
-
         epoch = int(engine.state.epoch)
         if (epoch % self.every and epoch != engine.state.max_epochs) or not is_main_rank():
             return
@@ -441,8 +425,8 @@ class AttentionSnapshot:
         grid = out.grid
         coarse = attn[0].reshape(attn.shape[1], *grid).cpu().numpy()
         factor = [s / g for s, g in zip(x.shape[2:], grid)]
-        paths = [_save_maps_nifti(coarse, grid_affine(_affine(image), factor),
-                                  self.output_dir / "attention" / f"maps_epoch={epoch}.nii.gz")]
+        path = self.output_dir / "attention" / f"maps_epoch={epoch}.nii.gz"
+        paths = [write_nifti_atomic(coarse, path, grid_affine(_affine(image), factor), channel_dim=0)]
         maps = attention_to_volume(attn.cpu(), grid, tuple(x.shape[2:]))[0].numpy()
         n_heads = attn.shape[1] - (1 if self.mean_head else 0)
         titles = [f"head {h}" + (f": {self.head_names[h]}" if h in self.head_names else "") for h in range(n_heads)]

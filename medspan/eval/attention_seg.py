@@ -8,8 +8,7 @@ against each anatomical structure's mask:
 * :func:`attention_dice`: DINO's protocol, keep the smallest set of pixels that holds ``mass``
   (60 %) of the map's mass and take the Dice with the mask;
 * :func:`summarize_heads` / :func:`format_summary`: the assigned (regularized) head of each
-  structure against the best free head and against a baseline's best head;
-* :func:`multilabel_auc`: per-class ROC AUC for the classification probes.
+  structure against the best free head and against a baseline's best head.
 
 All metrics are vectorised in torch (sorting and cumulative sums, no Python loop over pixels)
 and computed in float64 so they agree with scikit-learn to ~1e-12.
@@ -40,9 +39,7 @@ __all__ = [
     "attention_ap",
     "attention_dice",
     "attention_to_maps",
-    "average_precision",
     "format_summary",
-    "multilabel_auc",
     "summarize_heads",
 ]
 
@@ -123,25 +120,6 @@ def _ap_rows(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _check_finite(x: torch.Tensor, what: str) -> None:
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{what} contains NaN or infinite values")
-
-
-def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
-    """Average precision of ``scores (P,)`` against a bool ``target (P,)``, as sklearn computes it.
-
-    Step-wise, with tied scores forming one threshold: the same value as
-    ``sklearn.metrics.average_precision_score(target, scores)`` (within float64 rounding),
-    including 0.0 when there is no positive.
-
-    Example::
-
-        >>> average_precision(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]).bool())
-        0.8333333333333333
-    """
-    scores, target = torch.as_tensor(scores).reshape(-1), torch.as_tensor(target).reshape(-1)
-    if scores.shape != target.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and target {tuple(target.shape)} differ in size")
-    _check_finite(scores, "scores")
-    return float(_ap_rows(scores.unsqueeze(0), target.bool().reshape(1, 1, -1))[0, 0])
 
 
 def _check_maps_masks(maps: torch.Tensor, masks: torch.Tensor) -> None:
@@ -347,58 +325,3 @@ def format_summary(
     widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *rows]]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- AUC
-
-
-def multilabel_auc(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Per-class ROC AUC via ranks (Mann-Whitney U), equal to ``sklearn.metrics.roc_auc_score``.
-
-    ``AUC_k = (sum of the positives' average ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg)``,
-    where tied scores share their average rank (sklearn's tie handling).
-
-    Args:
-        scores: ``(B, K)`` real scores.
-        targets: ``(B, K)`` binary targets (bool or 0/1).
-
-    Returns:
-        ``(per_class, mean)``: ``(K,)`` float64 AUC (NaN for a class whose targets are all equal)
-        and the mean over the defined classes (NaN if none).
-
-    Example::
-
-        >>> auc, mean = multilabel_auc(torch.tensor([[0.1], [0.4], [0.35], [0.8]]), torch.tensor([[0], [0], [1], [1]]))
-        >>> auc.tolist(), mean
-        ([0.75], 0.75)
-    """
-    s = torch.as_tensor(scores)
-    t = torch.as_tensor(targets)
-    if s.ndim != 2 or s.shape != t.shape:
-        raise ValueError(f"scores and targets must both be (B, K), got {tuple(s.shape)} and {tuple(t.shape)}")
-    _check_finite(s, "scores")
-    t = t.to(torch.float64)
-    if not bool(((t == 0) | (t == 1)).all()):
-        raise ValueError("targets must be binary (0/1); map uncertain or missing labels before calling")
-    s = s.to(torch.float64)
-    n = s.shape[0]
-    order = torch.argsort(s, dim=0)
-    v = torch.gather(s, 0, order)
-    idx = torch.arange(n, device=s.device).unsqueeze(1).expand_as(v)
-    is_first = torch.ones_like(v, dtype=torch.bool)
-    is_first[1:] = v[1:] != v[:-1]
-    is_last = torch.ones_like(v, dtype=torch.bool)
-    is_last[:-1] = v[1:] != v[:-1]
-    start = torch.cummax(torch.where(is_first, idx, torch.zeros_like(idx)), dim=0).values
-    end = torch.where(is_last, idx, torch.full_like(idx, n - 1))
-    end = torch.flip(torch.cummin(torch.flip(end, [0]), dim=0).values, [0])
-    avg_rank = (start + end).to(torch.float64) / 2.0 + 1.0
-    ranks = torch.empty_like(avg_rank).scatter_(0, order, avg_rank)
-    n_pos = t.sum(0)
-    n_neg = n - n_pos
-    u = (ranks * t).sum(0) - n_pos * (n_pos + 1) / 2.0
-    auc = u / (n_pos * n_neg)
-    auc = torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, float("nan")))
-    defined = auc[~torch.isnan(auc)]
-    mean = float(defined.mean()) if defined.numel() else float("nan")
-    return auc, mean

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from skimage.segmentation import find_boundaries
 
-from medspan.io import atomic_write
+from medspan.io import write_png_atomic
 
 __all__ = ["GAP", "MASK_COLOURS", "TITLE_HEIGHT", "attention_overlay", "heat_colormap"]
 
@@ -169,4 +169,4 @@ def attention_overlay(
         for s, name in enumerate(mask_names):
             draw.text((2, TITLE_HEIGHT + 2 + 12 * s), str(name), fill=MASK_COLOURS[s % len(MASK_COLOURS)], font=font)
 
-    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"), suffix=".png")
+    return write_png_atomic(canvas, path)

@@ -20,17 +20,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from medspan.data.datalist import load_datalist
+from medspan.data.readers import IMAGE_SUFFIXES, image_stem, read_dicom_series
 from medspan.errors import DataError
-from medspan.io import atomic_write
+from medspan.eval.overlay import attention_overlay
+from medspan.io import write_nifti_atomic, write_png_atomic
 
-__all__ = ["find_images", "AttentionMapWriter", "load_run_record"]
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz", ".mha", ".nrrd", ".tif", ".tiff", ".bmp")
-
-
-def _is_image(p: Path) -> bool:
-    name = p.name.lower()
-    return any(name.endswith(s) for s in _IMAGE_SUFFIXES)
+__all__ = ["AttentionMapWriter", "find_images", "image_stems", "load_run_record"]
 
 
 def load_run_record(output_dir: str | os.PathLike) -> dict[str, Any]:
@@ -59,16 +55,12 @@ def find_images(source: str | os.PathLike | None, section: str = "validation", l
     if not src.exists():
         raise DataError(src, "input does not exist")
     if src.suffix == ".json":
-        from medspan.data.datalist import load_datalist
-
         doc = json.loads(src.read_text())
         sec = section if section in doc else "training"
         items = [{"image": e["image"]} for e in load_datalist(src, sec, require=("image",))]
     elif src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.is_file() and _is_image(p))
+        files = sorted(p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
         if files and all(p.suffix.lower() == ".dcm" for p in files):
-            from medspan.data.readers import read_dicom_series
-
             try:  # one 3D series, or many 2D DICOM files
                 read_dicom_series(src)
                 files = [src]
@@ -80,6 +72,19 @@ def find_images(source: str | os.PathLike | None, section: str = "validation", l
     if not items:
         raise DataError(src, "no image files found")
     return items[:limit] if limit else items
+
+
+def image_stems(images: Any) -> list[str]:
+    """Output name stems of a batch ``(B, ...)``: each image's file name without its suffix
+    (``meta["filename_or_obj"]``), else ``image_<b>``."""
+    meta = getattr(images, "meta", {}) or {}
+    files = meta.get("filename_or_obj")
+    n = images.shape[0]
+    if isinstance(files, str):
+        files = [files]
+    if not files:
+        return [f"image_{i}" for i in range(n)]
+    return [image_stem(f) for f in list(files)[:n]]
 
 
 class AttentionMapWriter:
@@ -114,29 +119,9 @@ class AttentionMapWriter:
         if isinstance(out, list):
             out = {k: torch.stack([torch.as_tensor(o[k]) for o in out]) for k in ("image", "pred")}
         images, maps = out["image"], out["pred"]
-        names = self._names(images)
+        names = image_stems(images)
         for b in range(maps.shape[0]):
             self._write_one(names[b], images[b], maps[b])
-
-    @staticmethod
-    def _names(images: Any) -> list[str]:
-        meta = getattr(images, "meta", {}) or {}
-        files = meta.get("filename_or_obj")
-        n = images.shape[0]
-        if isinstance(files, str):
-            files = [files]
-        if not files:
-            return [f"image_{i}" for i in range(n)]
-        out = []
-        for f in list(files)[:n]:
-            p = Path(str(f).rstrip("/"))
-            stem = p.name
-            for s in sorted(_IMAGE_SUFFIXES, key=len, reverse=True):
-                if stem.lower().endswith(s):
-                    stem = stem[: -len(s)]
-                    break
-            out.append(stem)
-        return out
 
     def _write_one(self, stem: str, image: torch.Tensor, maps: torch.Tensor) -> None:
         m = maps.detach().float().cpu().numpy()  # (H, x, y)
@@ -144,31 +129,15 @@ class AttentionMapWriter:
         n_heads = m.shape[0]
         titles = self.head_titles or [f"head {h}" for h in range(n_heads)]
         if self.write_nifti:
-            import nibabel as nib
-
-            affine = getattr(image, "affine", None)
-            aff = np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine).cpu(), dtype=float)
-            if aff.shape == (3, 3):  # 2D affine -> 3D
-                full = np.eye(4)
-                full[:2, :2], full[:2, 3] = aff[:2, :2], aff[:2, 2]
-                aff = full
-            vol = np.moveaxis(m, 0, -1).astype(np.float32)  # (x, y, H)
-            path = self.output_dir / f"{stem}_attention.nii.gz"
-            atomic_write(path, lambda t: nib.save(nib.Nifti1Image(vol, aff), t))
-            self.written.append(path)
+            path = self.output_dir / f"{stem}_attention.nii.gz"  # (x, y, H): the last axis is the head
+            self.written.append(write_nifti_atomic(m, path, getattr(image, "affine", None), channel_dim=0))
         if self.write_png:
-            from PIL import Image
-
             for h in range(n_heads):
                 a = m[h]
                 a = (a - a.min()) / (np.ptp(a) + 1e-12)
                 arr = (a.T * 255).round().astype(np.uint8)  # MONAI (x, y) -> picture (rows, cols)
-                path = self.output_dir / f"{stem}_head{h}.png"
-                atomic_write(path, lambda t, arr=arr: Image.fromarray(arr).save(t, format="PNG"))
-                self.written.append(path)
+                self.written.append(write_png_atomic(arr, self.output_dir / f"{stem}_head{h}.png"))
         if self.write_overlay:
-            from medspan.eval.overlay import attention_overlay
-
             path = self.output_dir / f"{stem}_overlay.png"
             attention_overlay(img, m, None, titles, path)
             self.written.append(path)

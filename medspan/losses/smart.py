@@ -14,9 +14,10 @@ views with the teacher's patch dropout, ``m`` the stage-3 cell mask (True = mask
   teacher(v̂) vs student(ũ). Weight 0.1.
 
 ``CE(t, s) = -sum_k softmax((t - c) / tau_t)_k * log_softmax(s / tau_s)_k``: the teacher is centred
-(centre ``c``, an EMA of the teacher outputs) and sharpened, as in DINO. :class:`DistillCE` is
-:class:`medspan.losses.dino.DINOLoss` (same temperatures, same centre buffer and its all-reduced EMA
-update) with rows already paired by the caller instead of DINO's all-pairs-of-crops.
+(centre ``c``, an EMA of the teacher outputs) and sharpened, as in DINO. :class:`DistillCE` shares
+:class:`medspan.losses.dino.CenteredDistillation` with :class:`~medspan.losses.dino.DINOLoss` (same
+temperatures, same centre buffer and its all-reduced EMA update); its rows are paired by the caller
+instead of DINO's all-pairs-of-crops.
 
 Example:
     >>> loss = DistillCE(out_dim=4, nepochs=1)
@@ -29,10 +30,9 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from medspan.losses.dino import DINOLoss
+from medspan.losses.dino import CenteredDistillation
 
 __all__ = ["DistillCE", "masked_l1"]
 
@@ -66,13 +66,14 @@ def masked_l1(pred: Tensor, target: Tensor, voxel_mask: Tensor) -> Tensor:
     return err.sum() / denom.clamp_min(1.0)
 
 
-class DistillCE(DINOLoss):
+class DistillCE(CenteredDistillation):
     """Centred, sharpened teacher -> student cross-entropy over rows paired by the caller.
 
     Args:
         out_dim: K, the projection head's output width.
         warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs, student_temp,
-            center_momentum: as :class:`~medspan.losses.dino.DINOLoss`.
+            center_momentum: as :class:`~medspan.losses.dino.CenteredDistillation`.
+        init_center: start the centre from the first teacher batch (:meth:`prime_center`).
 
     ``forward(student (..., K), teacher (..., K), epoch, mask=None, update_center=True)``:
 
@@ -96,7 +97,6 @@ class DistillCE(DINOLoss):
     ) -> None:
         super().__init__(
             out_dim,
-            ncrops=2,  # unused: the caller pairs the rows
             warmup_teacher_temp=warmup_teacher_temp,
             teacher_temp=teacher_temp,
             warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
@@ -144,11 +144,11 @@ class DistillCE(DINOLoss):
                 f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must match "
                 f"and end in {self.out_dim}"
             )
-        s = F.log_softmax(student.float() / self.student_temp, dim=-1)
-        t = F.softmax((teacher.float() - self.center.float()) / self.teacher_temp_at(epoch), dim=-1).detach()
+        s = self.student_log_probs(student.float())
+        t = self.teacher_probs(teacher.float(), epoch)
         return -(t * s).sum(-1)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         student: Tensor,
         teacher: Tensor,
@@ -156,6 +156,19 @@ class DistillCE(DINOLoss):
         mask: Tensor | None = None,
         update_center: bool = True,
     ) -> Tensor:
+        """Loss of paired rows.
+
+        Args:
+            student: (..., K) student outputs, e.g. (B, K) or (B, N, K).
+            teacher: the teacher outputs paired row by row, same shape.
+            epoch: selects the teacher temperature.
+            mask: (B, N) bool for (B, N, K) inputs: per image the mean over its masked rows, then
+                the mean over the images with one (iBOT); None: the mean over all rows.
+            update_center: update the centre from every teacher row afterwards.
+
+        Returns:
+            scalar float32 tensor.
+        """
         ce = self.row_ce(student, teacher, epoch)
         if mask is None:
             loss = ce.mean()

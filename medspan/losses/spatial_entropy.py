@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medspan.errors import DataError
+from medspan.ssl.schedules import cosine_schedule
 
 __all__ = [
     "SpatialEntropyLoss",
@@ -495,7 +496,5 @@ def sar_schedule(
         >>> float(w[0]), float(w[9]), round(float(w[-1]), 5)
         (0.0, 0.1, 0.00015)
     """
-    from medspan.ssl.schedules import cosine_schedule
-
     return cosine_schedule(float(base), float(final), int(epochs), int(niter_per_ep),
                            warmup_epochs=min(int(warmup_epochs), int(epochs)))

@@ -49,11 +49,12 @@ from dataclasses import dataclass
 import torch
 from monai.networks.nets.swin_unetr import SwinTransformer
 from monai.networks.utils import pixelshuffle
+from monai.utils import ensure_tuple_rep
 from torch import Tensor, nn
 
 from medspan.errors import DataError
 from medspan.models.heads import DINOHead
-from medspan.models.vit import Block, _as_tuple
+from medspan.models.vit import Block, init_weights
 
 __all__ = [
     "SWIN_CA_PRESETS",
@@ -151,7 +152,7 @@ class SwinCA(nn.Module):
         self.embed_dim = int(embed_dim)
         self.patch_size = int(patch_size)
         self.window_size = int(window_size)
-        self.img_size = _as_tuple(img_size, spatial_dims, "img_size")
+        self.img_size = tuple(int(v) for v in ensure_tuple_rep(img_size, spatial_dims))
         self.stage3_dim = self.embed_dim * 2**STAGE3
         self.stage4_dim = self.embed_dim * 2**N_STAGES
         if self.stage3_dim % ca_heads:
@@ -182,14 +183,8 @@ class SwinCA(nn.Module):
         self.ca_norm = nn.LayerNorm(self.stage3_dim, eps=1e-6)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in [*self.ca_blocks.modules(), self.ca_norm]:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.ca_blocks.apply(init_weights)
+        self.ca_norm.apply(init_weights)
 
     # ------------------------------------------------------------------ geometry
     def grids(self, spatial: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:

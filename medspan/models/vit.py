@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from monai.utils import ensure_tuple_rep
 from torch import Tensor, nn
 
 from medspan.errors import DataError
@@ -52,6 +53,7 @@ __all__ = [
     "ViTOutput",
     "VisionTransformer",
     "build_vit",
+    "init_weights",
 ]
 
 
@@ -75,15 +77,6 @@ class ViTOutput:
     cls_attn: Tensor | None
     cls_logits: Tensor | None
     grid: tuple[int, ...]
-
-
-def _as_tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (int(value),) * n
-    out = tuple(int(v) for v in value)
-    if len(out) != n:
-        raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
-    return out
 
 
 class DropPath(nn.Module):
@@ -270,7 +263,7 @@ class VisionTransformer(nn.Module):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.spatial_dims = spatial_dims
-        self.img_size = _as_tuple(img_size, spatial_dims, "img_size")
+        self.img_size = tuple(int(v) for v in ensure_tuple_rep(img_size, spatial_dims))
         self.patch_size = int(patch_size)
         if any(s % self.patch_size for s in self.img_size):
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
@@ -292,7 +285,7 @@ class VisionTransformer(nn.Module):
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     # ------------------------------------------------------------------ helpers
     def interpolate_pos_embed(self, grid: Sequence[int]) -> Tensor:
@@ -383,7 +376,9 @@ class VisionTransformer(nn.Module):
         return self.forward_features(x).cls
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_weights(m: nn.Module) -> None:
+    """ViT initialisation of one module (use with ``module.apply``): Linear weights truncated normal
+    (std 0.02) with zero bias, LayerNorm weight 1 and bias 0; other modules are left alone."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:

@@ -16,6 +16,11 @@ because the phantoms share one grid); ``"none"`` writes no prior (for runs witho
 
 :func:`check_ct_datalist` refuses a datalist whose top-level ``modality`` says it is not CT.
 
+What the ``smartformer_ct`` bundle calls: :func:`pretraining_datalist` (the user's CT datalist, or
+the synthetic set made from ``hparams::data``), :func:`pretraining_entries` (its training entries,
+without ``prior`` when no prior loss is on), :func:`image_keys` / :func:`view_keys` (the keys the
+transforms move: the image, and the prior when it is used).
+
 Example::
 
     path = prepare_synthetic_ct("bundles/smartformer_ct/runs/data/synthetic_ct")
@@ -26,14 +31,29 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from medspan.atlas.statistics import save_prior, soften_masks
+from medspan.data.datalist import load_datalist, write_datalist
+from medspan.data.synthetic import CT_STRUCTURES, write_ct_dataset
 from medspan.errors import DataError
+from medspan.recipes.cxr import data_settings, training_priors
 
-__all__ = ["CT_VALIDATION_STRUCTURES", "check_ct_datalist", "exemplar_prior", "load_masks", "prepare_synthetic_ct"]
+__all__ = [
+    "CT_VALIDATION_STRUCTURES",
+    "check_ct_datalist",
+    "exemplar_prior",
+    "image_keys",
+    "load_masks",
+    "prepare_synthetic_ct",
+    "pretraining_datalist",
+    "pretraining_entries",
+    "view_keys",
+]
 
 CT_VALIDATION_STRUCTURES: tuple[str, ...] = ("left_lung", "right_lung", "heart", "nodules")
 """Structures scored by the attention validation of the default set (``nodules``: the nodule label map)."""
@@ -57,8 +77,6 @@ def load_masks(paths: Sequence[str | os.PathLike]) -> np.ndarray:
 
 def exemplar_prior(mask_paths: Sequence[str | os.PathLike], sigma: float = 1.0) -> np.ndarray:
     """Soft prior (S, x, y, z) float32 in [0, 1] from ONE exemplar's masks (Gaussian sigma in voxels, peak 1)."""
-    from medspan.atlas.statistics import soften_masks
-
     return soften_masks(load_masks(mask_paths), sigma=sigma)
 
 
@@ -115,10 +133,6 @@ def prepare_synthetic_ct(
     Returns:
         path of the datalist JSON (modality CT).
     """
-    from medspan.data.datalist import write_datalist
-    from medspan.data.synthetic import CT_STRUCTURES, write_ct_dataset
-    from medspan.atlas.statistics import save_prior
-
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
     known = (*CT_STRUCTURES, "nodules")
@@ -158,8 +172,6 @@ def prepare_synthetic_ct(
         save_prior(exemplar_prior([_label(ex, s) for s in prior_structures], sigma=mask_sigma), prior_path)
 
     images = [_abs(e["image"]) for e in train]
-    from medspan.recipes.cxr import training_priors
-
     atlas_dir = set_dir / f"atlas_{prior_method}_ex{exemplar}_sigma{mask_sigma:g}_{'-'.join(prior_structures)}"
     priors, suffix, what = training_priors(
         prior, images, _abs(ex["image"]), [_label(ex, s) for s in prior_structures], prior_structures, prior_path,
@@ -185,3 +197,69 @@ def prepare_synthetic_ct(
             exemplar={"case_id": ex["case_id"], "image": _abs(ex["image"]), "prior": str(prior_path.resolve())},
         )
     return str(out)
+
+
+_CT_SETTING_NAMES = {"shape_zyx": "shape", "spacing_xyz": "spacing"}
+"""``hparams::data`` keys of the bundle whose :func:`prepare_synthetic_ct` argument has another name."""
+
+
+def pretraining_datalist(
+    datalist: str | os.PathLike | None,
+    data_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    structures: Sequence[str] = CT_VALIDATION_STRUCTURES,
+    prior_structures: Sequence[str] = ("left_lung", "right_lung", "heart"),
+    settings: Mapping[str, Any] | None = None,
+    use_prior: bool = True,
+) -> str:
+    """The datalist a ``smartformer_ct`` run trains on: ``datalist`` (checked to be CT) or the synthetic default.
+
+    Args:
+        datalist: the user's datalist (``--datalist``); None: the embedded synthetic set.
+        data_dir: folder of the synthetic sets (the bundle's ``dataset_dir``).
+        seed: generator seed (``hparams::seed``).
+        structures: validation label channels (``hparams::structures``).
+        prior_structures: prior channels (``hparams::prior_structures``).
+        settings: ``hparams::data``: :func:`prepare_synthetic_ct`'s keyword arguments, with
+            ``shape_zyx`` for ``shape`` and ``spacing_xyz`` for ``spacing``.
+        use_prior: False (no prior loss): the synthetic set gets no priors (``prior="none"``), so
+            nothing is registered.
+
+    Raises:
+        DataError: ``datalist`` does not exist or is not CT.
+        ValueError: an unknown data setting.
+    """
+    if datalist:
+        if not Path(datalist).is_file():
+            raise DataError(datalist, "datalist does not exist")
+        return check_ct_datalist(datalist)
+    kwargs = data_settings(
+        settings, prepare_synthetic_ct, exclude=("data_dir", "seed", "structures", "prior_structures"),
+        rename=_CT_SETTING_NAMES,
+    )
+    if not use_prior:
+        kwargs["prior"] = "none"
+    return prepare_synthetic_ct(data_dir, seed=seed, structures=structures, prior_structures=prior_structures, **kwargs)
+
+
+def pretraining_entries(datalist: str | os.PathLike, use_prior: bool = True) -> list[dict[str, Any]]:
+    """The training entries of ``datalist`` (validated); without their ``prior`` key when no prior is used.
+
+    Raises:
+        DataError: problems of the section (:func:`medspan.data.datalist.load_datalist`).
+    """
+    entries = load_datalist(datalist, "training", require=("image", "prior") if use_prior else ("image",))
+    if not use_prior:
+        entries = [{k: v for k, v in e.items() if k != "prior"} for e in entries]
+    return entries
+
+
+def image_keys(use_prior: bool = True) -> list[str]:
+    """Keys the training transforms load and move: ``["image", "prior"]``, or ``["image"]`` without a prior."""
+    return ["image", "prior"] if use_prior else ["image"]
+
+
+def view_keys(use_prior: bool = True) -> list[str]:
+    """Output keys of the two-view crop, one per :func:`image_keys` entry: ``views`` (and ``view_priors``)."""
+    return ["views", "view_priors"] if use_prior else ["views"]

@@ -14,21 +14,36 @@ Priors (``prior=``):
   warped masks, Gaussian-softened, are that image's prior. Results are cached in the set folder
   (``atlas_*``); a re-run registers nothing, an interrupted run resumes.
 * ``"exemplar"``: the exemplar's softened masks as one fixed prior for every image (no registration).
+
+:func:`pretraining_datalist` is what the ``span_cxr`` bundle calls: the user's datalist when one is
+given, else the synthetic set made from the bundle's ``hparams::data`` settings.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from medspan.atlas.build import build_priors, load_exemplar
+from medspan.atlas.statistics import save_prior, soften_masks
+from medspan.data.datalist import write_datalist
+from medspan.data.synthetic import write_cxr_dataset
 from medspan.errors import DataError
 
-__all__ = ["exemplar_masks", "prepare_synthetic_cxr", "registered_priors", "training_priors"]
+__all__ = [
+    "data_settings",
+    "exemplar_masks",
+    "prepare_synthetic_cxr",
+    "pretraining_datalist",
+    "registered_priors",
+    "training_priors",
+]
 
 
 def exemplar_masks(mask_paths: Sequence[str | os.PathLike]) -> np.ndarray:
@@ -81,10 +96,6 @@ def prepare_synthetic_cxr(
         path of ``span_datalist.json`` (absolute paths are resolved by
         :func:`medspan.data.datalist.load_datalist`).
     """
-    from medspan.data.datalist import write_datalist
-    from medspan.data.synthetic import write_cxr_dataset
-    from medspan.atlas.statistics import save_prior, soften_masks
-
     data_dir = Path(data_dir)
     tag = f"n{n_cases}_v{n_val}_s{size}_seed{seed}"
     set_dir = data_dir / tag
@@ -137,6 +148,70 @@ def prepare_synthetic_cxr(
             exemplar={"case_id": ex["case_id"], "image": _abs(ex["image"]), "prior": str(prior_path.resolve())},
         )
     return str(out)
+
+
+def pretraining_datalist(
+    datalist: str | os.PathLike | None,
+    data_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    structures: Sequence[str] = ("left_lung", "right_lung", "heart"),
+    settings: Mapping[str, Any] | None = None,
+) -> str:
+    """The datalist a ``span_cxr`` run trains on: ``datalist`` when given, else the synthetic default.
+
+    Args:
+        datalist: the user's datalist (``--datalist``); None: the embedded synthetic set.
+        data_dir: folder of the synthetic sets (the bundle's ``dataset_dir``).
+        seed: generator seed (``hparams::seed``).
+        structures: prior channels and validation labels (``hparams::structures``).
+        settings: the data settings (``hparams::data``): keyword arguments of
+            :func:`prepare_synthetic_cxr` (``n_cases``, ``n_val``, ``size``, ``exemplar``,
+            ``mask_sigma``, ``prior``, ``prior_method``, ``prior_workers``, ``workers``).
+
+    Raises:
+        DataError: ``datalist`` does not exist.
+        ValueError: an unknown data setting.
+
+    Example::
+
+        pretraining_datalist(None, "runs/data/synthetic_cxr", settings={"n_cases": 20, "n_val": 4, "size": 64})
+    """
+    if datalist:
+        if not Path(datalist).is_file():
+            raise DataError(datalist, "datalist does not exist")
+        return str(datalist)
+    kwargs = data_settings(settings, prepare_synthetic_cxr, exclude=("data_dir", "seed", "structures"))
+    return prepare_synthetic_cxr(data_dir, seed=seed, structures=structures, **kwargs)
+
+
+def data_settings(
+    settings: Mapping[str, Any] | None,
+    fn: Any,
+    exclude: Sequence[str] = (),
+    rename: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A bundle's ``hparams::data`` as keyword arguments of the set generator ``fn``.
+
+    Keys are renamed by ``rename`` (bundle name -> argument name); ``exclude`` lists arguments the
+    caller passes itself.
+
+    Raises:
+        ValueError: a key that is not an argument of ``fn``, named as the bundle spells it.
+    """
+    import inspect
+
+    rename = dict(rename or {})
+    back = {v: k for k, v in rename.items()}
+    known = [p for p in inspect.signature(fn).parameters if p not in exclude]
+    out = {rename.get(k, k): v for k, v in dict(settings or {}).items()}
+    unknown = sorted(set(out) - set(known))
+    if unknown:
+        raise ValueError(
+            f"hparams::data: unknown setting(s) {[back.get(k, k) for k in unknown]}; "
+            f"known: {sorted(back.get(k, k) for k in known)}"
+        )
+    return out
 
 
 def training_priors(
@@ -197,8 +272,6 @@ def registered_priors(
         priors = registered_priors("ct_0000.nii.gz", ["ct_0000_left_lung.nii.gz", "ct_0000_right_lung.nii.gz"],
                                    ["left_lung", "right_lung"], images, "data/atlas", sigma=2.0)
     """
-    from medspan.atlas.build import build_priors, load_exemplar
-
     ex = load_exemplar(exemplar_image, list(mask_paths), structures=list(structures))
     # worker processes cost a second or two to start: not worth it for a handful of images
     n_proc = workers if len(images) >= 16 * max(1, workers) else 1

@@ -36,9 +36,9 @@ from torch import Tensor
 
 __all__ = [
     "MaskingPolicy",
+    "SeededSampler",
     "attention_guided_mask",
     "hint_count",
-    "masked_count",
     "random_block_mask",
     "select_count",
     "upsample_mask",
@@ -59,17 +59,6 @@ def hint_count(hint: float, k: int) -> int:
     if not 0.0 <= hint <= 1.0:
         raise ValueError(f"hint must be in [0, 1], got {hint}")
     return min(k, max(0, math.floor(hint * k + _EPS)))
-
-
-def masked_count(ratio: float, hint: float, n: int) -> int:
-    """Cells masked per sample by :func:`attention_guided_mask`: ``k - floor(hint * k)``, ``k = ceil(ratio * n)``.
-
-    Example:
-        >>> masked_count(0.7, 0.1, 512), masked_count(0.7, 0.1, 64)    # 359 - 35, 45 - 4
-        (324, 41)
-    """
-    k = select_count(ratio, n)
-    return k - hint_count(hint, k)
 
 
 def _random_keys(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -156,7 +145,23 @@ def upsample_mask(mask: Tensor, factor: int | Sequence[int]) -> Tensor:
     return out
 
 
-class MaskingPolicy:
+class SeededSampler:
+    """Base of the mask samplers: an own :class:`torch.Generator` (``seed=None``: the global RNG)
+    whose state travels through checkpoints with ``state_dict`` / ``load_state_dict``."""
+
+    def __init__(self, seed: int | None = 0) -> None:
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+
+    def state_dict(self) -> dict:
+        """The generator state (so a resumed run continues the same sequence)."""
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+
+
+class MaskingPolicy(SeededSampler):
     """How the student's stage-3 mask is chosen each step, with its own random generator.
 
     Args:
@@ -180,8 +185,8 @@ class MaskingPolicy:
             raise ValueError(f"masking mode must be 'attention' or 'random', got {mode!r}")
         select_count(ratio, 1)
         hint_count(hint, 1)
+        super().__init__(seed)
         self.mode, self.ratio, self.hint = mode, float(ratio), float(hint)
-        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
 
     @property
     def needs_attention(self) -> bool:
@@ -196,13 +201,6 @@ class MaskingPolicy:
         if attn is None:
             raise ValueError("attention-guided masking needs the teacher's attention")
         return attention_guided_mask(attn.reshape(batch, *grid), self.ratio, self.hint, self.generator)
-
-    def state_dict(self) -> dict:
-        return {} if self.generator is None else {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.generator is not None and "generator" in state:
-            self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
         return f"MaskingPolicy(mode={self.mode!r}, ratio={self.ratio}, hint={self.hint})"

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medspan.ssl.masking import SeededSampler
+
 __all__ = ["PatchDropout", "copy_teacher", "ema_update", "patch_dropout_mask"]
 
 
@@ -131,7 +133,7 @@ def patch_dropout_mask(
     return mask.to(device)
 
 
-class PatchDropout:
+class PatchDropout(SeededSampler):
     """Noise of the SMARTFormer teacher: a callable making :func:`patch_dropout_mask` masks.
 
     Args:
@@ -151,22 +153,14 @@ class PatchDropout:
     def __init__(self, ratio: float = 0.7, block: int = 1, seed: int | None = 0) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"patch dropout ratio must be in [0, 1], got {ratio}")
+        super().__init__(seed)
         self.ratio = float(ratio)
         self.block = int(block)
-        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
 
     def __call__(self, batch: int, grid: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor | None:
         if self.ratio == 0.0:
             return None
         return patch_dropout_mask(batch, grid, self.ratio, self.block, self.generator, device)
-
-    def state_dict(self) -> dict:
-        """The generator state (so a resumed run continues the same noise sequence)."""
-        return {} if self.generator is None else {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.generator is not None and "generator" in state:
-            self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
         return f"PatchDropout(ratio={self.ratio}, block={self.block})"

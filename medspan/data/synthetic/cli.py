@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from medspan.data.synthetic.writers import write_ct_dataset, write_cxr_dataset
 from medspan.errors import MedspanError
 
 
@@ -52,8 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the dataset described by ``args``; print the datalist path. Returns the exit code."""
-    from medspan.data.synthetic import write_ct_dataset, write_cxr_dataset
-
     start = time.perf_counter()
     try:
         if args.kind == "cxr":

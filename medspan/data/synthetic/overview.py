@@ -17,8 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from skimage.segmentation import find_boundaries
 
-from medspan.io import atomic_write
+from medspan.data.synthetic.ct import synth_ct
+from medspan.data.synthetic.cxr import synth_cxr
+from medspan.data.synthetic.shapes import case_seed
+from medspan.io import write_png_atomic
 
 CXR_COLORS: dict[str, tuple[int, int, int]] = {
     "right_lung": (70, 150, 255),
@@ -38,9 +43,7 @@ CT_COLORS: dict[str, tuple[int, int, int]] = {
 VESSEL_TINT = (200, 60, 255)
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType sizes
@@ -48,8 +51,6 @@ def _font(size: int):
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int], nearest: bool) -> np.ndarray:
-    from PIL import Image
-
     img = Image.fromarray(array)
     return np.asarray(img.resize((shape[1], shape[0]), Image.NEAREST if nearest else Image.BILINEAR))
 
@@ -77,8 +78,6 @@ def overlay_contours(
         >>> out.shape, out[0, 0].tolist()
         ((8, 8, 3), [255, 0, 0])
     """
-    from skimage.segmentation import find_boundaries
-
     rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
     for name, color in (tint or {}).items():
         if name in masks:
@@ -119,10 +118,6 @@ def render_overview(
     contours / coronal plain / coronal contours (window -1300..300 HU; the axial slice passes
     through the largest nodule, the coronal one through the centre of the lungs and heart).
     """
-    from PIL import Image, ImageDraw
-
-    from medspan.data.synthetic import case_seed, synth_ct, synth_cxr
-
     font, small = _font(18), _font(13)
     cols = max(n_cxr, 8 if n_ct > 1 else 4)
     width = cols * tile
@@ -219,10 +214,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Render and save the overview; prints the output path."""
-    from PIL import Image
-
     grid = render_overview(args.n_cxr, args.n_ct, args.seed, args.size, tuple(args.shape), args.tile)
     out = Path(args.out)
-    atomic_write(out, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG", optimize=True), suffix=".png")
+    write_png_atomic(grid, out, optimize=True)
     print(f"overview: {out} ({grid.shape[1]}x{grid.shape[0]})")
     return 0

@@ -9,15 +9,19 @@ Every file is written under a temporary name and renamed; a re-run skips finishe
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from tqdm import tqdm
 
 from medspan.data.synthetic.ct import (
     CT_DEFAULT_FOV,
@@ -28,55 +32,37 @@ from medspan.data.synthetic.ct import (
 from medspan.data.synthetic.cxr import CXR_STRUCTURES, synth_cxr
 from medspan.data.synthetic.shapes import GENERATOR_VERSION, case_seed
 from medspan.errors import DataError
+from medspan.io import (
+    atomic_write,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_nifti_atomic,
+    write_png_atomic,
+)
 
 _PARAMS_FILE = ".synth.json"
 _DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 _CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
 
 
-def _tmp_path(path: Path) -> Path:
-    """A unique temporary name next to ``path`` that keeps its extension (for nibabel)."""
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary name in the same folder, then rename onto ``path``."""
-    tmp = _tmp_path(path)
-    try:
-        write(tmp)
-        if tmp.is_dir() and path.is_dir():  # a folder cannot replace a non-empty folder: swap it out
-            old = _tmp_path(path)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink()
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
-
-
-def _save_png(path: Path, array: np.ndarray, compress_level: int = 3) -> None:
-    from PIL import Image
-
-    _atomic(path, lambda p: Image.fromarray(array).save(p, format="PNG", compress_level=compress_level))
-
-
 def _validation_indices(n: int, val_fraction: float) -> set[int]:
     """Cases ``i`` with ``floor((i + 1) f) > floor(i f)``: evenly spread and independent of ``n``."""
-    from fractions import Fraction
-
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     f = Fraction(val_fraction).limit_denominator(10_000)
     return {i for i in range(n) if ((i + 1) * f).__floor__() > (i * f).__floor__()}
+
+
+def _write_dataset_json(out: Path, entries: list[dict[str, Any]], val_fraction: float, **meta: Any) -> Path:
+    """``out/dataset.json``: ``meta`` first, then the cases split by :func:`_validation_indices`."""
+    val = _validation_indices(len(entries), val_fraction)
+    datalist = {
+        **meta,
+        "training": [e for i, e in enumerate(entries) if i not in val],
+        "validation": [e for i, e in enumerate(entries) if i in val],
+        "test": [],
+    }
+    return write_json_atomic(datalist, out / "dataset.json", indent=1)
 
 
 def _check_params(out_dir: Path, params: dict[str, Any], overwrite: bool) -> None:
@@ -92,32 +78,12 @@ def _check_params(out_dir: Path, params: dict[str, Any], overwrite: bool) -> Non
             raise DataError(
                 path, f"folder was generated with other settings {diff} (old, new); use another folder or overwrite=True"
             )
-    _atomic_json(path, params)
-
-
-def _clean_tmp(*folders: Path, min_age_s: float = 600.0) -> None:
-    """Remove temporaries left by an interrupted run (older than ``min_age_s``, so that a run
-    going on in parallel, e.g. another rank, keeps its own)."""
-    import time
-
-    now = time.time()
-    for folder in folders:
-        for p in folder.glob(".tmp-*"):
-            try:
-                if now - p.stat().st_mtime < min_age_s:
-                    continue
-            except FileNotFoundError:
-                continue
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    write_json_atomic(params, path, indent=1)
 
 
 def _run_cases(fn: Callable[..., dict[str, Any]], jobs: list[tuple], workers: int, progress: bool, desc: str) -> list[dict]:
     """Run ``fn(*job)`` for every job, in ``workers`` processes; results in job order."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc=desc, unit="case")
+    bar = tqdm(total=len(jobs), desc=desc, unit="case") if progress else None
     results: list[dict] = []
     try:
         if workers <= 1 or len(jobs) <= 1:
@@ -126,8 +92,6 @@ def _run_cases(fn: Callable[..., dict[str, Any]], jobs: list[tuple], workers: in
                 if bar is not None:
                     bar.update(1)
         else:
-            import multiprocessing
-
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 chunk = max(1, min(16, len(jobs) // (4 * workers)))
@@ -141,11 +105,8 @@ def _run_cases(fn: Callable[..., dict[str, Any]], jobs: list[tuple], workers: in
     return results
 
 
-def _dicom_base(case_id: str, modality: str, sop_class: str, uid_seed: str):
+def _dicom_base(case_id: str, modality: str, sop_class: str, uid_seed: str) -> Dataset:
     """A pydicom Dataset with patient/study/series modules filled in deterministically."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -171,10 +132,8 @@ def _dicom_base(case_id: str, modality: str, sop_class: str, uid_seed: str):
     return ds
 
 
-def _write_dicom(path: Path, ds) -> None:
-    from pydicom import dcmwrite
-
-    _atomic(path, lambda p: dcmwrite(p, ds, enforce_file_format=True))
+def _write_dicom(path: Path, ds: Dataset) -> None:
+    atomic_write(path, lambda tmp: dcmwrite(tmp, ds, enforce_file_format=True))
 
 
 def _cxr_case_paths(case_id: str, fmt: str) -> dict[str, str]:
@@ -192,11 +151,11 @@ def _write_cxr_case(out_dir: str, index: int, seed: int, size: int, fmt: str, bi
     if force or not all((out / p).exists() for p in paths.values()):
         case = synth_cxr(seed, size)
         for name in (*CXR_STRUCTURES, "body"):
-            _save_png(out / paths[name], case["masks"][name].astype(np.uint8) * np.uint8(255), compress_level=1)
+            write_png_atomic(case["masks"][name].astype(np.uint8) * np.uint8(255), out / paths[name], compress_level=1)
         img = case["image"]
         if fmt == "png":
             arr = np.rint(img * 255.0).astype(np.uint8) if bit_depth == 8 else np.rint(img * 65535.0).astype(np.uint16)
-            _save_png(out / paths["image"], arr)
+            write_png_atomic(arr, out / paths["image"], compress_level=3)
         else:
             ds = _dicom_base(case_id, "DX", _DX_SOP_CLASS, f"medspan-cxr-{seed}")
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(f"medspan-cxr-{seed}", "image")
@@ -222,8 +181,6 @@ def _write_cxr_case(out_dir: str, index: int, seed: int, size: int, fmt: str, bi
 
 
 def _uid(*parts: str) -> str:
-    from pydicom.uid import generate_uid
-
     return str(generate_uid(entropy_srcs=list(parts)))
 
 
@@ -271,29 +228,23 @@ def write_cxr_dataset(
     out = Path(out_dir)
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    _clean_tmp(out, out / "images", out / "masks")
+    remove_stale_temporaries(out, out / "images", out / "masks")
     params = {"kind": "cxr", "version": GENERATOR_VERSION, "size": int(size), "seed": int(seed), "format": fmt}
     if fmt == "png":
         params["bit_depth"] = int(bit_depth)
     _check_params(out, params, overwrite)
     jobs = [(str(out), i, case_seed(seed, i), int(size), fmt, int(bit_depth), bool(overwrite)) for i in range(n)]
     entries = _run_cases(_write_cxr_case, jobs, workers, progress, "synth cxr")
-    val = _validation_indices(n, val_fraction)
     spacing = 400.0 / size
-    datalist = {
-        "name": "medspan synthetic chest X-rays",
-        "description": "phantom PA chest radiographs (medspan.data.synthetic.synth_cxr); masks follow the SCR convention",
-        "modality": "CXR",
-        "structures": list(CXR_STRUCTURES),
-        "spacing": [spacing, spacing],
-        "generator": params,
-        "training": [e for i, e in enumerate(entries) if i not in val],
-        "validation": [e for i, e in enumerate(entries) if i in val],
-        "test": [],
-    }
-    path = out / "dataset.json"
-    _atomic_json(path, datalist)
-    return path
+    return _write_dataset_json(
+        out, entries, val_fraction,
+        name="medspan synthetic chest X-rays",
+        description="phantom PA chest radiographs (medspan.data.synthetic.synth_cxr); masks follow the SCR convention",
+        modality="CXR",
+        structures=list(CXR_STRUCTURES),
+        spacing=[spacing, spacing],
+        generator=params,
+    )
 
 
 def _ct_case_paths(case_id: str, fmt: str) -> dict[str, str]:
@@ -306,14 +257,8 @@ def _ct_case_paths(case_id: str, fmt: str) -> dict[str, str]:
 
 
 def _save_nifti(path: Path, array_zyx: np.ndarray, affine: np.ndarray, dtype: type) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(array_zyx.transpose(2, 1, 0), dtype=dtype), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    img.header.set_slope_inter(1.0, 0.0)
-    _atomic(path, lambda p: nib.save(img, str(p)))
+    """Write a ``(z, y, x)`` phantom array as the usual ``(x, y, z)`` NIfTI with ``affine``."""
+    write_nifti_atomic(array_zyx.transpose(2, 1, 0), path, affine, dtype=dtype)
 
 
 def _write_ct_series(folder: Path, case: dict[str, Any], case_id: str, seed: int) -> None:
@@ -325,10 +270,8 @@ def _write_ct_series(folder: Path, case: dict[str, Any], case_id: str, seed: int
     stored = (np.rint(image) + 1024).astype("<u2")
     uid_seed = f"medspan-ct-{seed}"
 
-    def write(tmp: Path) -> None:
-        from pydicom import dcmwrite
-
-        tmp.mkdir(parents=True)
+    def write(tmp: str) -> None:
+        os.mkdir(tmp)
         for k in range(nz):
             ds = _dicom_base(case_id, "CT", _CT_SOP_CLASS, uid_seed)
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(uid_seed, "slice", str(k))
@@ -347,9 +290,9 @@ def _write_ct_series(folder: Path, case: dict[str, Any], case_id: str, seed: int
             ds.WindowCenter, ds.WindowWidth = -600, 1600
             ds.KVP = 120
             ds.PixelData = stored[k].tobytes()
-            dcmwrite(tmp / f"{k:04d}.dcm", ds, enforce_file_format=True)
+            dcmwrite(os.path.join(tmp, f"{k:04d}.dcm"), ds, enforce_file_format=True)
 
-    _atomic(folder, write)
+    atomic_write(folder, write)
 
 
 def _write_ct_case(
@@ -370,7 +313,7 @@ def _write_ct_case(
         else:
             _write_ct_series(out / paths["image"], case, case_id, seed)
         records = case["nodule_records"]
-        _atomic_json(out / paths["records"], records)
+        write_json_atomic(records, out / paths["records"], indent=1)
     else:
         records = json.loads((out / paths["records"]).read_text())
     return {
@@ -429,7 +372,7 @@ def write_ct_dataset(
     out = Path(out_dir)
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    _clean_tmp(out, out / "images", out / "masks")
+    remove_stale_temporaries(out, out / "images", out / "masks")
     params = {
         "kind": "ct", "version": GENERATOR_VERSION, "shape_zyx": list(shape), "spacing_xyz": list(spacing),
         "seed": int(seed), "format": fmt, "nodules": nodules,
@@ -437,20 +380,14 @@ def write_ct_dataset(
     _check_params(out, params, overwrite)
     jobs = [(str(out), i, case_seed(seed, i), shape, spacing, nodules, fmt, bool(overwrite)) for i in range(n)]
     entries = _run_cases(_write_ct_case, jobs, workers, progress, "synth ct")
-    val = _validation_indices(n, val_fraction)
-    datalist = {
-        "name": "medspan synthetic chest CTs",
-        "description": "phantom chest CTs in HU (medspan.data.synthetic.synth_ct); nodule malignancy 1..5 "
+    return _write_dataset_json(
+        out, entries, val_fraction,
+        name="medspan synthetic chest CTs",
+        description="phantom chest CTs in HU (medspan.data.synthetic.synth_ct); nodule malignancy 1..5 "
         "from size, spiculation and lobulation (see nodule_malignancy)",
-        "modality": "CT",
-        "structures": list(CT_STRUCTURES),
-        "spacing": list(spacing),
-        "shape": list(shape[::-1]),
-        "generator": params,
-        "training": [e for i, e in enumerate(entries) if i not in val],
-        "validation": [e for i, e in enumerate(entries) if i in val],
-        "test": [],
-    }
-    path = out / "dataset.json"
-    _atomic_json(path, datalist)
-    return path
+        modality="CT",
+        structures=list(CT_STRUCTURES),
+        spacing=list(spacing),
+        shape=list(shape[::-1]),
+        generator=params,
+    )
