@@ -28,10 +28,20 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from medspan.data.readers import non_finite_problem
 from medspan.errors import DataError
 from medspan.io import worker_pool, write_json_atomic, write_text_atomic
 
-__all__ = ["Report", "add_common_arguments", "converter_main", "finish", "is_done", "run_converter", "run_items"]
+__all__ = [
+    "Report",
+    "add_common_arguments",
+    "converter_main",
+    "finish",
+    "is_done",
+    "refuse_non_finite",
+    "run_converter",
+    "run_items",
+]
 
 T = TypeVar("T")
 
@@ -130,6 +140,17 @@ def _record(ok: bool, value: Any, item: Any, report: Report | None, key: Callabl
     if report is not None:
         report.problem(key(item), value)
     return None
+
+
+def refuse_non_finite(array: Any, where: str | os.PathLike) -> None:
+    """Raise :class:`DataError` naming ``where`` when ``array`` holds NaN or infinite voxels.
+
+    A converter calls it on every image it decodes: :func:`run_items` puts the error in the report
+    (``problems``) and the image is left out of the datalist, since training on it gives NaN losses.
+    """
+    problem = non_finite_problem(array)
+    if problem is not None:
+        raise DataError(where, f"{problem}; left out (fix or drop the file)")
 
 
 def is_done(*paths: str | os.PathLike) -> bool:

@@ -68,6 +68,7 @@ from .common import (
     add_common_arguments,
     converter_main,
     is_done,
+    refuse_non_finite,
     run_converter,
     run_items,
 )
@@ -244,7 +245,8 @@ def convert_job(job: dict[str, Any]) -> dict[str, Any]:
             entry[key] = job[key]
     if kind in ("file2d", "dicom2d", "volume"):
         if job["verify"]:
-            _, meta = read_image(job["path"])  # decodes: a corrupt file raises DataError
+            array, meta = read_image(job["path"])  # decodes: a corrupt file raises DataError
+            refuse_non_finite(array, job["path"])  # NaN voxels: a named problem, not an entry
             shape = [int(v) for v in meta["spatial_shape"]]
             ndim = 3 if len(shape) >= 3 and shape[2] > 1 else 2
         else:
@@ -266,6 +268,7 @@ def convert_job(job: dict[str, Any]) -> dict[str, Any]:
     if is_done(nifti):
         return dict(entry, image=str(nifti), ndim=3, source="series", skipped=True)
     array, meta = read_dicom_series(job["files"])
+    refuse_non_finite(array, job["folder"] or job["files"][0])
     write_nifti_atomic(array, nifti, meta["affine"], dtype=integral_dtype(array))
     return dict(entry, image=str(nifti), ndim=3, source="series", skipped=False)
 

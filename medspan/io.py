@@ -231,7 +231,7 @@ def write_nifti_atomic(
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(parent_pid: int, poll_s: float = 0.2) -> None:
+def die_with_parent(parent_pid: int, poll_s: float = 0.2, ignore_sigint: bool = False) -> None:
     """Make the calling (worker) process end as soon as the process ``parent_pid`` is gone.
 
     Meant as a pool ``initializer`` (:func:`worker_pool` installs it). Two guards: on Linux the kernel
@@ -243,7 +243,11 @@ def die_with_parent(parent_pid: int, poll_s: float = 0.2) -> None:
     Args:
         parent_pid: the pid of the process that started the pool (``os.getpid()`` there).
         poll_s: how often the thread checks, in seconds.
+        ignore_sigint: ignore Ctrl-C here (the terminal sends it to every process of the group); the
+            parent alone decides to stop, and its exit then ends this worker.
     """
+    if ignore_sigint:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -262,13 +266,16 @@ def die_with_parent(parent_pid: int, poll_s: float = 0.2) -> None:
     threading.Thread(target=watch, name="medspan-watch-parent", daemon=True).start()
 
 
-def worker_pool(max_workers: int, mp_context: Any = None, start_method: str | None = None) -> ProcessPoolExecutor:
+def worker_pool(
+    max_workers: int, mp_context: Any = None, start_method: str | None = None, ignore_sigint: bool = True
+) -> ProcessPoolExecutor:
     """A :class:`~concurrent.futures.ProcessPoolExecutor` whose workers die with this process.
 
     Args:
         max_workers: number of worker processes.
         mp_context: a multiprocessing context (default: ``start_method``'s, or the platform default).
         start_method: ``"spawn"``, ``"fork"``, ... when ``mp_context`` is not given.
+        ignore_sigint: workers ignore Ctrl-C (the parent handles it once, see :func:`die_with_parent`).
 
     Example::
 
@@ -278,5 +285,6 @@ def worker_pool(max_workers: int, mp_context: Any = None, start_method: str | No
     if mp_context is None and start_method is not None:
         mp_context = multiprocessing.get_context(start_method)
     return ProcessPoolExecutor(
-        max_workers=max_workers, mp_context=mp_context, initializer=die_with_parent, initargs=(os.getpid(),)
+        max_workers=max_workers, mp_context=mp_context, initializer=die_with_parent,
+        initargs=(os.getpid(), 0.2, ignore_sigint),
     )

@@ -729,6 +729,7 @@ def test_info_cli_prints_shape_spacing_range(tmp_path: Path, capsys) -> None:
         "dtype:       float32 (stored as uint16)",
         "spacing:     0.25 x 0.5 mm (PixelSpacing)",
         "range:       -1024 .. 3071 (mean -324.833)",
+        "non-finite:  0 NaN, 0 infinite voxels",
         "dicom:       CT, MONOCHROME2",
     ]
     assert cli_main(["info", str(path), "--window", "0", "2000"]) == 0

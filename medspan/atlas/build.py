@@ -51,6 +51,8 @@ import hashlib
 import json
 import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -82,7 +84,12 @@ from medspan.data.datalist import (
     resolve_paths,
     write_datalist,
 )
-from medspan.data.readers import IMAGE_SUFFIXES, image_stem, read_image
+from medspan.data.readers import (
+    IMAGE_SUFFIXES,
+    image_stem,
+    non_finite_problem,
+    read_image,
+)
 from medspan.errors import DataError
 from medspan.io import (
     atomic_write,
@@ -421,8 +428,9 @@ def _read_job(job: dict[str, Any], dim: int) -> dict[str, Any]:
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim != dim:
         raise DataError(job["image"], f"image has {arr.ndim} spatial dims {arr.shape}, the exemplar has {dim}")
-    if not np.all(np.isfinite(arr)):
-        raise DataError(job["image"], "image holds non-finite values")
+    problem = non_finite_problem(arr)
+    if problem is not None:
+        raise DataError(job["image"], problem)
     if float(arr.max()) <= float(arr.min()):
         raise DataError(job["image"], f"image is constant ({float(arr.min()):g}); nothing to register")
     return dict(job, array=arr, affine=np.asarray(meta.get("affine")))
@@ -555,10 +563,22 @@ def _run_jobs(
     bar = None
     if progress and todo:
         bar = tqdm(total=len(todo), desc="build-priors", unit="image")
+    # Ctrl-C: SimpleITK calls our Python iteration callback from C++ and swallows any exception raised
+    # there (a KeyboardInterrupt included: it printed a traceback and the run went on). So the signal
+    # only sets a flag, checked after each image; the run then stops with KeyboardInterrupt.
+    interrupted: list[bool] = []
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(True))
+
+    def check_interrupt() -> None:
+        if interrupted:
+            raise KeyboardInterrupt
     done: list[dict[str, Any]] = []
     dim = ex["masks"].ndim - 1
 
     def finish(rec: dict[str, Any]) -> None:
+        check_interrupt()
         done.append(rec)
         if bar is not None:
             bar.update(1)
@@ -577,6 +597,7 @@ def _run_jobs(
     try:
         if workers <= 1 or len(todo) <= 1:
             for job in todo:
+                check_interrupt()
                 ready = read(job)
                 if ready is not None:
                     finish(_register_one(ready, ex, settings, sigma, str(out_dir)))
@@ -586,6 +607,7 @@ def _run_jobs(
             try:
                 pending: set = set()
                 for job in todo:
+                    check_interrupt()
                     ready = read(job)
                     if ready is None:
                         continue
@@ -601,8 +623,11 @@ def _run_jobs(
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
         if bar is not None:
             bar.close()
+    check_interrupt()
     return done
 
 

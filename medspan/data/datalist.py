@@ -49,6 +49,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 import os
@@ -58,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 import pydicom
 import SimpleITK as sitk
 from PIL import Image
@@ -76,6 +78,17 @@ _PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr")
 _ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 _MAX_LISTED = 50
+#: section names users write for a known section; reported as "rename it ..."
+MISNAMED_SECTIONS: dict[str, str] = {
+    "train": "training", "training_set": "training", "trainset": "training",
+    "val": "validation", "valid": "validation", "validate": "validation", "validation_set": "validation",
+    "testing": "test", "tests": "test", "test_set": "test",
+}
+#: entry keys users write for a key medspan reads; reported as "rename it ..." (when the right key is absent)
+MISNAMED_KEYS: dict[str, str] = {
+    "priors": "prior", "prior_path": "prior", "images": "image", "image_path": "image", "img": "image",
+    "mask": "label", "masks": "label", "label_path": "label", "seg": "label", "segmentation": "label",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +132,24 @@ def datalist_sections(data: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def misnamed_section(name: str) -> str | None:
+    """The known section a section name most likely means (``"train"`` -> ``"training"``), or None.
+
+    Known names themselves give None; so do names not close to any known one (a custom section).
+    """
+    if name in KNOWN_SECTIONS:
+        return None
+    if name.lower() in MISNAMED_SECTIONS:
+        return MISNAMED_SECTIONS[name.lower()]
+    close = difflib.get_close_matches(name.lower(), KNOWN_SECTIONS, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def misnamed_section_problem(name: str, known: str) -> str:
+    """The one message for a misnamed section (the CLI and the bundles both print it)."""
+    return f"section '{name}' is not a section medspan reads: rename it '{known}'"
+
+
 def _entry_where(file: Path, section: str, index: int, entry: Any) -> str:
     where = f"{file}: {section}[{index}]"
     if isinstance(entry, Mapping) and isinstance(entry.get("case_id"), (str, int)):
@@ -128,6 +159,17 @@ def _entry_where(file: Path, section: str, index: int, entry: Any) -> str:
 
 def _is_path(v: Any) -> bool:
     return isinstance(v, (str, os.PathLike)) and str(v) != ""
+
+
+def _looks_like_paths(v: Any) -> bool:
+    return _is_path(v) or (isinstance(v, list) and len(v) > 0 and all(_is_path(e) for e in v)) or (
+        isinstance(v, Mapping) and len(v) > 0 and all(_is_path(e) for e in v.values())
+    )
+
+
+def misnamed_key_problem(key: str, right: str) -> str:
+    """The one message for a misnamed entry key (``priors`` for ``prior``); the CLI and the bundles print it."""
+    return f"key '{key}' is not a key medspan reads: rename it '{right}'"
 
 
 def _is_number(v: Any) -> bool:
@@ -215,6 +257,69 @@ def spatial_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
     return None
 
 
+def npy_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """The array shape stored in a ``.npy`` file, from its header only (no data read).
+
+    A prior file is ``(n_structures, *spatial)`` channel first (see :mod:`medspan.atlas.statistics`).
+
+    Raises:
+        ValueError / OSError: not a readable ``.npy`` file.
+    """
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, _ = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, _ = np.lib.format.read_array_header_2_0(f)
+    return tuple(int(s) for s in shape)
+
+
+def prior_shape_problem(
+    image_shape: Sequence[int],
+    prior_shape: Sequence[int],
+    n_structures: int | None = None,
+    aspect_tol: float = 0.02,
+) -> str | None:
+    """What is wrong with a channel-first prior of ``prior_shape`` for an image of ``image_shape``, or None.
+
+    The one rule, used by ``medspan check-datalist --shapes`` (from file headers) and by
+    :class:`medspan.data.prior_transforms.PriorToImaged` (on the loaded arrays) in the bundles, so both
+    print the same message. A prior ``(S, *spatial')`` fits an image of spatial shape ``spatial`` when
+    it has as many spatial dims, ``S == n_structures`` (when given), and ``spatial'`` is ``spatial``
+    or a grid with the same aspect ratio (within ``aspect_tol``, relative): it covers the same field
+    of view and is resampled onto the image.
+
+    Args:
+        image_shape: the image's SPATIAL shape, e.g. ``(256, 256)`` or ``(96, 96, 64)``.
+        prior_shape: the prior's full shape ``(S, *spatial')``.
+        n_structures: expected number of prior channels (None: any).
+        aspect_tol: relative tolerance on each aspect ratio.
+
+    Example::
+
+        prior_shape_problem((64, 64, 48), (3, 64, 64))
+        # 'prior must be channel-first (structures, *spatial) with 3 spatial dims like its image (64, 64, 48), got shape (3, 64, 64)'
+    """
+    ishape, full = tuple(int(v) for v in image_shape), tuple(int(v) for v in prior_shape)
+    if len(full) != len(ishape) + 1:
+        return (
+            f"prior must be channel-first (structures, *spatial) with {len(ishape)} spatial dims like its image "
+            f"{ishape}, got shape {full}"
+        )
+    if n_structures is not None and full[0] != n_structures:
+        return f"prior has {full[0]} channels, expected {n_structures} structures"
+    pshape = full[1:]
+    if pshape != ishape:
+        ri = [v / ishape[0] for v in ishape[1:]]
+        rp = [v / pshape[0] for v in pshape[1:]]
+        if any(abs(a - b) > aspect_tol * a for a, b in zip(ri, rp)):
+            return (
+                f"prior spatial shape {pshape} does not cover the image's field of view {ishape} "
+                "(different aspect ratio)"
+            )
+    return None
+
+
 def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
     s = list(shape)
     while len(s) > 2 and s[-1] == 1:
@@ -222,15 +327,20 @@ def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(s)
 
 
-def _shape_problems(entry: Mapping[str, Any], path_keys: Sequence[str]) -> list[str]:
+def _shape_problems(
+    entry: Mapping[str, Any], path_keys: Sequence[str], n_structures: int | None = None
+) -> list[str]:
     """Compare the header shapes of every path of ``entry`` with the (first) image's.
 
     The reference is the first image path, trailing singleton dims dropped (a 2D NIfTI saved as
     ``(x, y, 1)`` is 2D). Another file matches when its shape starts with the reference shape
-    (extra trailing dims are channels, e.g. a prior ``(x, y, n_structures)``).
+    (extra trailing dims are channels, e.g. a prior ``(x, y, n_structures)``). A ``.npy`` prior
+    (channel first, what ``build-priors`` writes and the bundles load) is checked by
+    :func:`prior_shape_problem`, the rule the bundles apply when they load it.
     """
     problems: list[str] = []
     shapes: list[tuple[str, str, tuple[int, ...]]] = []
+    npy_priors: list[tuple[str, str, tuple[int, ...]]] = []
     for key in path_keys:
         if key not in entry:
             continue
@@ -238,6 +348,9 @@ def _shape_problems(entry: Mapping[str, Any], path_keys: Sequence[str]) -> list[
             if not os.path.exists(p):
                 continue  # reported as a missing file
             try:
+                if key == "prior" and _suffix(Path(p)) == ".npy":
+                    npy_priors.append((label, p, npy_shape(p)))
+                    continue
                 shape = spatial_shape(p)
             except Exception as e:  # noqa: BLE001 - any reader failure is a data problem
                 problems.append(f"cannot read the header of {label} {p} ({type(e).__name__}: {e})")
@@ -248,6 +361,11 @@ def _shape_problems(entry: Mapping[str, Any], path_keys: Sequence[str]) -> list[
         return problems
     ref_label, ref_path, ref_shape = shapes[0]
     ref = _squeeze_trailing(ref_shape)
+    if ref_label.startswith("'image'"):
+        for label, p, shape in npy_priors:
+            problem = prior_shape_problem(ref, shape, n_structures)
+            if problem is not None:
+                problems.append(f"{label} {p}: {problem}")
     for label, p, shape in shapes[1:]:
         if tuple(shape[: len(ref)]) != ref:
             problems.append(
@@ -282,6 +400,9 @@ def _entry_problems(
     for key in require:
         if key not in entry:
             problems.append(f"missing required key '{key}' (keys present: {', '.join(map(str, entry)) or 'none'})")
+    for key, right in MISNAMED_KEYS.items():
+        if key in entry and right not in entry and right in path_keys and _looks_like_paths(entry[key]):
+            problems.append(misnamed_key_problem(key, right))
 
     # types of the path keys
     type_ok: dict[str, bool] = {}
@@ -351,7 +472,7 @@ def _entry_problems(
                 if not os.path.exists(p):
                     problems.append(f"missing file for {label}: {p}")
     if check_shapes:
-        problems.extend(_shape_problems(resolved, list(resolved)))
+        problems.extend(_shape_problems(resolved, list(resolved), n_struct))
     return problems
 
 
@@ -444,8 +565,11 @@ def validate_datalist(
     Checks the metadata (``structures`` / ``classes`` are lists of unique names), every entry of
     every section (or of ``sections``): required keys, key types, missing files, label/prior
     length vs ``structures``, ``labels`` length vs ``classes``, duplicate ``case_id`` within a
-    section and across sections (a case in two sections leaks), empty sections and, with
-    ``check_shapes``, the header shapes of image/label/prior.
+    section and across sections (a case in two sections leaks), an empty ``training`` section (other
+    empty sections only when asked for), a misnamed section (``train`` for ``training``) or key
+    (``priors`` for ``prior``), and with ``check_shapes`` the header shapes of image/label/prior (a
+    ``.npy`` prior by :func:`prior_shape_problem`, the rule the bundles apply when they load it).
+    :func:`load_datalist` (what the bundles call) reports the same problems with the same words.
 
     Example::
 
@@ -464,14 +588,20 @@ def validate_datalist(
     if not wanted:
         problems.append((str(file), f"no sections (expected one of {', '.join(KNOWN_SECTIONS)})"))
     seen_in: dict[str, str] = {}
-    if sections is None and present and not any(_section_entries(data, s) for s in present):
+    all_empty = bool(present) and not any(_section_entries(data, s) for s in present)
+    if sections is None and all_empty:
         problems.append((str(file), f"every section is empty ({', '.join(present)})"))
+    if sections is None:
+        for name in present:
+            known = misnamed_section(name)
+            if known is not None and known not in present:
+                problems.append((str(file), misnamed_section_problem(name, known)))
     for section in wanted:
         if section not in present:
             problems.append((str(file), _unknown_section(section, present)))
             continue
-        if sections is None and not _section_entries(data, section):
-            continue  # an empty optional section (e.g. "test": []) is fine when nothing asks for it
+        if sections is None and not _section_entries(data, section) and (section != "training" or all_empty):
+            continue  # an empty optional section (e.g. "test": []) is fine; an empty "training" is not
         problems += _section_problems(file, data, section, base, require, path_keys, check_files, check_shapes)
         for i, entry in enumerate(_section_entries(data, section)):
             if isinstance(entry, Mapping) and isinstance(entry.get("case_id"), (str, int)):
@@ -485,6 +615,9 @@ def validate_datalist(
 
 
 def _unknown_section(section: str, present: Sequence[str]) -> str:
+    for name in present:
+        if misnamed_section(name) == section:
+            return misnamed_section_problem(name, section)
     have = ", ".join(present) if present else "none"
     return f"unknown section '{section}' (sections in the file: {have})"
 

@@ -1,7 +1,7 @@
 """``medspan info PATH``: read one image with :func:`medspan.data.readers.read_image` and describe it.
 
-Prints the reader used, the array shape (MONAI order) and dtype, the spacing, the value range,
-and for DICOM the photometric interpretation and modality.
+Prints the reader used, the array shape (MONAI order) and dtype, the spacing, the value range
+(of the finite voxels), the number of NaN and infinite voxels, and for DICOM the photometric interpretation and modality.
 
 Example::
 
@@ -12,6 +12,7 @@ Example::
     dtype:       float32 (stored as int16)
     spacing:     0.7031 x 0.7031 x 2.5 mm (PixelSpacing)
     range:       -2048 .. 3071 (mean -860.928)
+    non-finite:  0 NaN, 0 infinite voxels
     dicom:       CT, MONOCHROME2
 """
 
@@ -22,7 +23,7 @@ import sys
 
 import numpy as np
 
-from medspan.data.readers import read_image
+from medspan.data.readers import non_finite_counts, read_image
 from medspan.errors import DataError
 
 _AXES = {1: "x", 2: "x, y", 3: "x, y, z"}
@@ -56,6 +57,9 @@ def describe(array: np.ndarray, meta: dict) -> list[str]:
         value_range = f"{finite.min():.6g} .. {finite.max():.6g} (mean {finite.mean(dtype=np.float64):.6g})"
     else:
         value_range = "no finite values"
+    nan, inf = non_finite_counts(array)
+    if nan or inf:
+        value_range += " over the finite voxels"
     lines = [
         f"path:        {meta.get('filename_or_obj', '?')}",
         f"reader:      {reader}",
@@ -63,6 +67,8 @@ def describe(array: np.ndarray, meta: dict) -> list[str]:
         f"dtype:       {dtype}",
         f"spacing:     {spacing}{unit}",
         f"range:       {value_range}",
+        f"non-finite:  {nan} NaN, {inf} infinite voxels"
+        + (f" of {array.size}: fix or drop this image (training on it gives NaN losses)" if nan or inf else ""),
     ]
     if "photometric_interpretation" in meta:
         lines.append(f"dicom:       {meta.get('modality') or '?'}, {meta['photometric_interpretation'] or '?'}")

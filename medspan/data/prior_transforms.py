@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from medspan.data.datalist import prior_shape_problem
 from medspan.data.transforms import source_name
 from medspan.errors import DataError
 
@@ -62,24 +63,11 @@ class PriorToImaged(MapTransform):
         img, prior = d[self.image_key], d[self.prior_key]
         where = f"{source_name(prior)} (prior of {source_name(img)})"
         sdim = img.ndim - 1
-        if prior.ndim != img.ndim:
-            raise DataError(
-                where,
-                f"prior must be channel-first with {sdim} spatial dims like its image {tuple(img.shape)}, "
-                f"got shape {tuple(prior.shape)}",
-            )
-        if self.n_structures is not None and prior.shape[0] != self.n_structures:
-            raise DataError(where, f"prior has {prior.shape[0]} channels, expected {self.n_structures} structures")
+        # the same rule (and words) as `medspan check-datalist --shapes`
+        problem = prior_shape_problem(tuple(img.shape[1:]), tuple(prior.shape), self.n_structures, self.aspect_tol)
+        if problem is not None:
+            raise DataError(where, problem)
         ishape, pshape = tuple(img.shape[1:]), tuple(prior.shape[1:])
-        if ishape != pshape:
-            ri = [s / ishape[0] for s in ishape[1:]]
-            rp = [s / pshape[0] for s in pshape[1:]]
-            if any(abs(a - b) > self.aspect_tol * a for a, b in zip(ri, rp)):
-                raise DataError(
-                    where,
-                    f"prior spatial shape {pshape} does not cover the image's field of view {ishape} "
-                    "(different aspect ratio)",
-                )
         p = torch.as_tensor(prior).float()
         if not torch.isfinite(p).all():
             raise DataError(where, "prior has NaN or infinite values")

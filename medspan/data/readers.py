@@ -501,6 +501,39 @@ def _require_same(where: str, what: str, values: list) -> None:
         raise DataError(where, f"mixed {what} in one series: {found}")
 
 
+def is_dicom_series(folder: PathLike) -> bool:
+    """True when ``folder`` holds the slices of ONE CT/MR series, from the headers only (no pixels).
+
+    That is: at least two DICOM image files (``.dcm``, or files with the DICM preamble), one
+    SeriesInstanceUID, each a single frame with ImagePositionPatient and ImageOrientationPatient.
+    Such a folder is one 3D image, even when :func:`read_dicom_series` will refuse it (a missing
+    slice, a duplicated position): the user must see that problem, not a pile of 2D images.
+    A folder of unrelated 2D radiographs (no positions, or several series) gives False.
+
+    Example::
+
+        is_dicom_series("LIDC-IDRI-0001/ct")   # True
+    """
+    p = Path(folder)
+    if not p.is_dir():
+        return False
+    files = sorted(f for f in p.iterdir() if f.is_file() and (_has_suffix(f, DICOM_SUFFIXES) or has_dicom_preamble(f)))
+    if len(files) < 2:
+        return False
+    uids = set()
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=not has_dicom_preamble(f))
+        except Exception:  # noqa: BLE001, S112 - an unreadable header: the series reader names that file
+            continue
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            return False
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            return False
+        uids.add(_str(ds.get("SeriesInstanceUID", "")))
+    return len(uids) == 1 and "" not in uids
+
+
 def read_dicom_series(folder_or_files: PathLike | Sequence[PathLike]) -> tuple[np.ndarray, dict]:
     """Read one CT/MR series (a folder, or a list of files) into a volume in modality units (HU).
 
@@ -730,6 +763,32 @@ def read_itk(path: PathLike) -> tuple[np.ndarray, dict]:
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
+
+
+def non_finite_counts(array: Any) -> tuple[int, int]:
+    """``(NaN voxels, infinite voxels)`` of an array (integer arrays: ``(0, 0)``)."""
+    a = np.asarray(array)
+    if a.dtype.kind not in "fc":
+        return 0, 0
+    return int(np.isnan(a).sum()), int(np.isinf(a).sum())
+
+
+def non_finite_problem(array: Any) -> str | None:
+    """The words for an image with NaN / infinite voxels (None when every voxel is finite).
+
+    One sentence for ``medspan info``, the converters (which refuse such an image) and
+    ``build-priors``; training on such an image makes every loss NaN.
+
+    Example::
+
+        non_finite_problem(np.array([1.0, np.nan, np.inf, 2.0]))
+        # 'image holds 1 NaN and 1 infinite voxels of 4 (50%)'
+    """
+    nan, inf = non_finite_counts(array)
+    if not nan and not inf:
+        return None
+    total = int(np.asarray(array).size)
+    return f"image holds {nan} NaN and {inf} infinite voxels of {total} ({100.0 * (nan + inf) / total:.3g}%)"
 
 
 def image_kind(path: PathLike) -> str:

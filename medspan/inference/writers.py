@@ -1,7 +1,12 @@
 """Per-head attention maps of a pretrained backbone for given images (the bundles' ``inference.json``).
 
 - :func:`find_images` turns what the user points at (an image file, a DICOM series folder, a folder
-  of images, or a datalist JSON) into MONAI data dicts ``[{"image": path}, ...]``.
+  of images, or a datalist JSON) into MONAI data dicts ``[{"image": path}, ...]``. A folder whose
+  DICOM files are the slices of one series is ONE 3D image, even a broken one (a missing slice):
+  its problem is then reported by the reader, not hidden behind 2D shape errors.
+- :class:`InferenceDataset` loads and transforms the images one by one; an image that cannot be
+  read or transformed is skipped with its reason in ``inference_report.json`` next to the outputs,
+  and the others go on (``strict=True`` stops at the first one instead).
 - :class:`AttentionMapWriter` is an evaluator handler: for each image it writes
   ``<stem>_attention.nii.gz`` (float32 (x, y, H): the last axis is the head), one 8-bit PNG per head
   ``<stem>_head<h>.png`` and an overlay ``<stem>_overlay.png``; every file is written under a
@@ -11,22 +16,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.transforms import apply_transform
+from torch.utils.data import IterableDataset
 
 from medspan.data.datalist import load_datalist
-from medspan.data.readers import IMAGE_SUFFIXES, image_stem, read_dicom_series
-from medspan.errors import DataError
+from medspan.data.readers import IMAGE_SUFFIXES, image_stem, is_dicom_series
+from medspan.errors import DataError, find_medspan_error
 from medspan.eval.overlay import attention_overlay
-from medspan.io import write_nifti_atomic, write_png_atomic
+from medspan.io import write_json_atomic, write_nifti_atomic, write_png_atomic
 
-__all__ = ["AttentionMapWriter", "find_images", "image_stems", "load_run_record"]
+__all__ = ["REPORT_NAME", "AttentionMapWriter", "InferenceDataset", "find_images", "image_stems", "load_run_record"]
+
+REPORT_NAME = "inference_report.json"
+"""The report :class:`InferenceDataset` writes next to the outputs."""
+
+logger = logging.getLogger(__name__)
 
 
 def load_run_record(output_dir: str | os.PathLike) -> dict[str, Any]:
@@ -60,12 +73,8 @@ def find_images(source: str | os.PathLike | None, section: str = "validation", l
         items = [{"image": e["image"]} for e in load_datalist(src, sec, require=("image",))]
     elif src.is_dir():
         files = sorted(p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
-        if files and all(p.suffix.lower() == ".dcm" for p in files):
-            try:  # one 3D series, or many 2D DICOM files
-                read_dicom_series(src)
-                files = [src]
-            except DataError:
-                pass
+        if files and all(p.suffix.lower() == ".dcm" for p in files) and is_dicom_series(src):
+            files = [src]  # one 3D series (read, and checked for gaps, when it is loaded)
         items = [{"image": str(p)} for p in files]
     else:
         items = [{"image": str(src)}]
@@ -141,3 +150,82 @@ class AttentionMapWriter:
             path = self.output_dir / f"{stem}_overlay.png"
             attention_overlay(img, m, None, titles, path)
             self.written.append(path)
+
+
+def _failure_text(exc: BaseException) -> str:
+    """The medspan error behind ``exc`` (MONAI wraps a transform's error), else its innermost cause."""
+    known = find_medspan_error(exc)
+    if known is not None:
+        return str(known)
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return f"{type(root).__name__}: {root}"
+
+
+class InferenceDataset(IterableDataset):
+    """The images of an inference run, loaded and transformed one at a time; bad ones are skipped.
+
+    An image whose loading or transform fails (unreadable file, a DICOM series with a missing slice,
+    NaN voxels refused by a transform, ...) is left out: a warning names it and the reason, and
+    ``report_dir/inference_report.json`` lists it (``{"images", "loaded", "failed": [{"image",
+    "error"}], "strict"}``; rewritten atomically after each image, so a killed run leaves a valid
+    report). The loop goes on with the next image. With ``strict=True`` the first failure stops the
+    run (the error is raised as it is). When no image at all could be used the run fails with a
+    :class:`~medspan.errors.DataError` quoting the first reason.
+
+    An iterable dataset has no length: MONAI's evaluator then counts the iterations as they come.
+
+    Args:
+        data: data dicts ``{"image": path, ...}`` (what :func:`find_images` returns).
+        transform: the loading + preprocessing transform (a MONAI ``Compose``).
+        report_dir: where the report goes (the inference output folder); None: no report file.
+        strict: stop at the first image that fails.
+
+    Example (bundle JSON)::
+
+        "dataset": {"_target_": "medspan.inference.writers.InferenceDataset", "data": "@datalist",
+                    "transform": "@preprocessing", "report_dir": "@infer_dir", "strict": "@strict"}
+    """
+
+    def __init__(
+        self,
+        data: Sequence[dict[str, Any]],
+        transform: Callable[[Any], Any] | None = None,
+        report_dir: str | os.PathLike | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        self.data = list(data)
+        self.transform = transform
+        self.report_path = None if report_dir is None else Path(report_dir) / REPORT_NAME
+        self.strict = bool(strict)
+        self.loaded: list[str] = []
+        self.failed: list[dict[str, str]] = []
+
+    def _write_report(self) -> None:
+        if self.report_path is not None:
+            write_json_atomic({"images": len(self.data), "loaded": self.loaded, "failed": self.failed,
+                               "strict": self.strict}, self.report_path)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.loaded, self.failed = [], []
+        for item in self.data:
+            name = str(item.get("image")) if isinstance(item, dict) else str(item)
+            try:
+                out = apply_transform(self.transform, item) if self.transform is not None else item
+            except Exception as exc:
+                if self.strict:
+                    raise
+                reason = _failure_text(exc)
+                self.failed.append({"image": name, "error": reason})
+                logger.warning("inference: skipped %s: %s", name, reason)
+                self._write_report()
+                continue
+            self.loaded.append(name)
+            self._write_report()
+            yield out
+        if not self.loaded and self.failed:
+            raise DataError(self.failed[0]["image"],
+                            f"no image could be used ({len(self.failed)} failed); first: {self.failed[0]['error']}")
+        self._write_report()

@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from medspan.errors import DataError
 from medspan.io import (
     atomic_write,
     remove_stale_temporaries,
+    worker_pool,
     write_json_atomic,
     write_nifti_atomic,
     write_png_atomic,
@@ -93,7 +93,7 @@ def _run_cases(fn: Callable[..., dict[str, Any]], jobs: list[tuple], workers: in
                     bar.update(1)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with worker_pool(workers, mp_context=ctx) as pool:
                 chunk = max(1, min(16, len(jobs) // (4 * workers)))
                 for res in pool.map(fn, *zip(*jobs), chunksize=chunk):
                     results.append(res)
