@@ -10,13 +10,13 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from medspan.errors import DataError
-from medspan.models.vit import VisionTransformer
 from medspan.losses.span import (
     SpanPriorLoss,
     gaussian_blur,
     pool_to_grid,
     prior_to_patch_distribution,
 )
+from medspan.models.vit import VisionTransformer
 
 # A 4x4 prior on a 2x2 patch grid (2x2 pixels per patch). Patch means: [1, 0.5, 0, 0.25].
 PRIOR = torch.tensor(

@@ -44,15 +44,27 @@ SPAN_REGRESSION: dict[str, Any] = {
     "hparams::val_interval": 30,
 }
 
-SMART_MARGIN = 0.05
-"""smartformer_ct: least AP gap of every assigned head over the best free head of the same run."""
+SMART_MARGIN = 0.04
+"""smartformer_ct: least AP gap of every assigned head over the best free head of the same run
+(chance level is about 0.09 for a lung and 0.04 for the heart on these crops)."""
 
+# smartformer_ct: the 4 + 2 phantoms of 40 x 40 x 36 voxels at 10 mm resampled to 5 mm, 64^3 crops
+# (stage-3 grid 4^3), 30 epochs of 2 steps. Three toy settings let the prior act within 60 steps
+# (measured, seeds 0-2): the teacher follows the student faster (momentum 0.9, as span_cxr), 10 %
+# of the student's cells are masked instead of the 70 % most attended (the prior term is computed
+# on the student's masked view, and with 70 % masked it stayed at its start value, ~1.9, over 60
+# steps for seeds 1 and 2), and the three distillation terms weigh 0.01 instead of 0.1. Measured
+# gaps (left lung / right lung / heart): seed 1 +0.22 / +0.16 / +0.07, seed 2 +0.28 / +0.11 / +0.06
+# (25 epochs, seed 0: +0.24 / +0.41 / +0.11).
 SMART_REGRESSION: dict[str, Any] = {
     **SMART_TOY,
-    "hparams::spacing": [5.0, 5.0, 5.0],  # the 10 mm phantoms resampled: 64^3 crops, stage-3 grid 4^3
+    "hparams::spacing": [5.0, 5.0, 5.0],
     "hparams::crop_size": 64,
-    "hparams::epochs": 40,
-    "hparams::val_interval": 40,
+    "hparams::epochs": 30,
+    "hparams::val_interval": 30,
+    "hparams::momentum_teacher": 0.9,
+    "hparams::mask_ratio": 0.1,
+    "hparams::weights": {"rec": 1.0, "ampd": 0.01, "aitd": 0.01, "gitd": 0.01},
 }
 
 
@@ -86,6 +98,7 @@ def test_span_assigned_heads_beat_plain_dino(tmp_path: Path) -> None:
         rows[s] = (span["summary"][s]["assigned_ap"], dino["summary"][s]["best_ap"])
         assert span["comparison"][s]["gap"] == pytest.approx(rows[s][0] - rows[s][1], abs=1e-9)
     table = _table(rows, "plain DINO best")
+    print(f"span_cxr, assigned head AP vs plain DINO's best head AP:\n{table}")
     assert all(a - b >= MARGIN for a, b in rows.values()), f"assigned heads do not beat plain DINO by {MARGIN}:\n{table}"
 
 
@@ -108,6 +121,7 @@ def test_smartformer_assigned_heads_beat_free_heads(tmp_path: Path) -> None:
         col = final["structures"].index(s)
         rows[s] = (ap[h][col], max(ap[f][col] for f in (3, 4, 5)))
     table = _table(rows, "best free")
+    print(f"smartformer_ct, assigned head AP vs the best free head AP:\n{table}")
     assert all(a - b >= SMART_MARGIN for a, b in rows.values()), (
         f"assigned heads do not beat the free heads by {SMART_MARGIN}:\n{table}"
     )

@@ -86,10 +86,10 @@ class SarProbe:
 
 def _tiny_trainer(sar_weight: float, prior: bool):
     from medspan.engines.pretrain import SelfDistillationTrainer, param_groups
+    from medspan.losses.dino import DINOLoss
+    from medspan.losses.span import SpanPriorLoss
     from medspan.models.heads import DINOHead, MultiCropWrapper
     from medspan.models.vit import build_vit
-    from medspan.losses.span import SpanPriorLoss
-    from medspan.losses.dino import DINOLoss
     from medspan.ssl.teacher import copy_teacher
 
     torch.manual_seed(0)

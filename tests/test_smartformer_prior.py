@@ -68,10 +68,10 @@ def _workflow(tmp_path: Path, **extra: Any):
 
 def test_prepare_synthetic_ct_prior_modes(tmp_path: Path) -> None:
     """registered: one prior per training volume from the atlas builder; exemplar: one shared file; none: no key."""
-    from medspan.recipes.ct import prepare_synthetic_ct
     from medspan.atlas.statistics import load_prior
+    from medspan.recipes.ct import prepare_synthetic_ct
 
-    kw = dict(n_cases=4, n_val=1, shape=(36, 40, 40), spacing=(10, 10, 10), prior_workers=1)
+    kw = {"n_cases": 4, "n_val": 1, "shape": (36, 40, 40), "spacing": (10, 10, 10), "prior_workers": 1}
     reg_path = Path(prepare_synthetic_ct(tmp_path, prior="registered", **kw))
     reg = json.loads(reg_path.read_text())
     fixed = json.loads(Path(prepare_synthetic_ct(tmp_path, prior="exemplar", **kw)).read_text())
