@@ -34,20 +34,12 @@ from medspan.errors import DataError, find_medspan_error
 from medspan.eval.overlay import attention_overlay
 from medspan.io import write_json_atomic, write_nifti_atomic, write_png_atomic
 
-__all__ = ["REPORT_NAME", "AttentionMapWriter", "InferenceDataset", "find_images", "image_stems", "load_run_record"]
+__all__ = ["REPORT_NAME", "AttentionMapWriter", "InferenceDataset", "find_images", "image_stems"]
 
 REPORT_NAME = "inference_report.json"
 """The report :class:`InferenceDataset` writes next to the outputs."""
 
 logger = logging.getLogger(__name__)
-
-
-def load_run_record(output_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``final_summary.json`` of a finished pretraining run (its hyper-parameters and datalist)."""
-    path = Path(output_dir) / "final_summary.json"
-    if not path.is_file():
-        raise DataError(path, "no finished pretraining run here; run the bundle's train.json first")
-    return json.loads(path.read_text())
 
 
 def find_images(source: str | os.PathLike | None, section: str = "validation", limit: int | None = None) -> list[dict]:
