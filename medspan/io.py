@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "json_plain",
     "TEMP_PREFIX",
     "atomic_write",
     "die_with_parent",
@@ -148,6 +149,20 @@ def write_text_atomic(text: str, path: str | os.PathLike, fsync: bool = True) ->
                 os.fsync(f.fileno())
 
     return atomic_write(path, _write)
+
+
+def json_plain(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, numbers plain, unknown objects their ``str``.
+
+    The form in which settings and run identities are stored, so that a value read back from a
+    file compares equal to the one computed now.
+
+    Example::
+
+        >>> json_plain({"size": (64, 64), "dtype": float})
+        {'size': [64, 64], 'dtype': "<class 'float'>"}
+    """
+    return json.loads(json.dumps(obj, default=str))
 
 
 def _json_default(o: Any) -> Any:

@@ -89,7 +89,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from medspan.engines.dist import is_main_rank, rank, world_size
 from medspan.engines.step import non_finite_tensors
 from medspan.errors import MedspanError, TrainingError
-from medspan.io import atomic_write, write_json_atomic
+from medspan.io import atomic_write, json_plain, write_json_atomic
 
 __all__ = [
     "EpochCheckpoint",
@@ -319,11 +319,6 @@ def _checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 _ABSENT = "(absent)"
 
 
-def _plain(obj: Any) -> Any:
-    """JSON round trip: the form in which settings are stored and compared."""
-    return json.loads(json.dumps(obj, default=str))
-
-
 def settings_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """Differences between two nested settings as ``(dotted path, old, new)``; missing keys are ``"(absent)"``.
 
@@ -366,7 +361,7 @@ class SettingsFingerprint:
     """
 
     def __init__(self, settings: Mapping[str, Any], allow_change: Sequence[str] = ("hparams.epochs",)) -> None:
-        self.settings = _plain(dict(settings))
+        self.settings = json_plain(dict(settings))
         self.allow_change = tuple(allow_change)
 
     def state_dict(self) -> dict[str, Any]:
@@ -384,7 +379,7 @@ class SettingsFingerprint:
         Returns:
             the allowed differences (``(dotted key, old, new)``), empty when the settings are equal.
         """
-        diff = settings_diff(_plain(saved), self.settings)
+        diff = settings_diff(json_plain(saved), self.settings)
         refused = [d for d in diff if not self._allowed(d[0])]
         if refused:
             lines = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in refused)

@@ -40,6 +40,7 @@ from monai.data import CacheDataset, PersistentDataset
 from medspan.data.datalist import datalist_sections, load_datalist
 from medspan.engines.attention_validation import head_map
 from medspan.errors import DataError
+from medspan.io import json_plain
 
 __all__ = [
     "bundle_dir",
@@ -119,11 +120,6 @@ def datalist_digest(path: str | os.PathLike) -> str:
         raise DataError(path, f"cannot read datalist: {e.strerror or e}") from e
 
 
-def _plain(value: Any) -> Any:
-    """JSON round trip: tuples become lists, numbers plain, unknown objects their ``str``."""
-    return json.loads(json.dumps(value, default=str))
-
-
 def run_identity(hparams: Mapping[str, Any], datalist: str | os.PathLike | None) -> dict[str, Any]:
     """What defines a pretraining run's result, as a JSON-able dict.
 
@@ -143,7 +139,7 @@ def run_identity(hparams: Mapping[str, Any], datalist: str | os.PathLike | None)
         a["datalist_sha256"]   # changes when the file's content changes
     """
     return {
-        "hparams": _plain(dict(hparams)),
+        "hparams": json_plain(dict(hparams)),
         "datalist": None if datalist is None else str(Path(datalist).resolve()),
         "datalist_sha256": None if datalist is None else datalist_digest(datalist),
     }

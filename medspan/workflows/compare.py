@@ -34,7 +34,7 @@ from monai.bundle import ConfigWorkflow
 
 from medspan.engines.smart import format_losses
 from medspan.eval.attention_seg import format_summary
-from medspan.io import write_json_atomic
+from medspan.io import json_plain, write_json_atomic
 
 __all__ = ["BaselineRun", "FinalReport", "comparison_rows"]
 
@@ -45,10 +45,6 @@ def _load(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 def comparison_rows(summary: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -116,7 +112,7 @@ class FinalReport:
         self.output_dir = Path(output_dir)
         self.trainer = trainer
         self.hparams = dict(hparams)
-        self.identity = None if identity is None else _plain(identity)
+        self.identity = None if identity is None else json_plain(identity)
         self.datalist = None if datalist is None else str(datalist)
         self.evaluator = evaluator
         self.validated = bool(validated)
@@ -238,7 +234,7 @@ class BaselineRun:
     ) -> None:
         self.config_file = str(config_file)
         self.run_dir = Path(run_dir)
-        self.identity = _plain(identity)
+        self.identity = json_plain(identity)
         self.overrides = dict(overrides)
         self.enabled = bool(enabled)
         self.validated = bool(validated)
