@@ -8,12 +8,24 @@ Input:
   per pixel, big-endian, 12 bits used (0..4095), 0.175 mm pixels, exactly 8,388,608 bytes. The
   raw values are darker-is-higher (film density): air is high, bone low, so the picture is
   ``4095 - raw`` (higher = brighter, as every other source here).
+
+  PNG exports of the same images, as public mirrors distribute them (``JPCLN001.png`` or
+  ``JPCLN001.IMG.png``, 8- or 16-bit grey, any size, e.g. 2048 or 1024 pixels), are accepted too:
+  they are read as displayed (bone white, :func:`medspan.data_prep.cxr_common.read_picture`),
+  assumed to cover the whole 358.4 mm film (``spacing_mm`` as for ``.IMG``), and go through the
+  same resizing, masks and datalist. A case with both an ``.IMG`` and a PNG uses the ``.IMG``
+  (counted as ``png_ignored_for_img``).
 - ``--scr`` (optional): the SCR database folder (``scr/``, ``scratch/`` or the folder holding
   ``fold1/`` and ``fold2/``)::
 
       scratch/fold1/masks/left lung/JPCLN001.gif       1024 x 1024 GIF, black / white
       scratch/fold1/masks/right lung/...  heart/...  left clavicle/...  right clavicle/...
       scratch/fold2/masks/...                          (the other half of the 247 images)
+
+  or, as mirrors distribute them, without the fold folders: ``scr/masks/left lung/JPCLN001.gif``
+  (or ``.png``; structure folders ``left lung`` or ``left_lung``; masks of any size). Without
+  folds no SCR fold is known: there is no ``test`` section (everything is split into
+  ``training`` / ``validation``) and the entries have no ``fold``.
 
   SCR names structures by the PATIENT's side: on these PA radiographs the patient's left lung
   (``left lung``) lies on the image's RIGHT half. Structure names here keep that meaning:
@@ -41,8 +53,8 @@ softened (``--sigma``), become ``priors/exemplar_<id>.npy`` (float16, (S, x, y) 
 prior; validation = the labelled validation images except the exemplar; an ``exemplar`` record.
 
 Problems (report.json; the rest is converted): a file of the wrong size or with values above
-4095 (not big-endian 12-bit), a missing or unreadable mask, a case whose masks are in both folds,
-a left/right mix-up.
+4095 (not big-endian 12-bit), an unreadable PNG, a missing or unreadable mask, a case whose masks
+are in both folds, a left/right mix-up.
 
 Example::
 
@@ -85,6 +97,7 @@ from .cxr_common import (
     patient_split,
     png_shape,
     read_mask,
+    read_picture,
     resize_mask,
     spec_from_args,
     write_cached,
@@ -104,6 +117,7 @@ __all__ = [
     "jsrt_picture",
     "main",
     "read_jsrt_img",
+    "read_jsrt_picture",
     "run",
 ]
 
@@ -115,6 +129,8 @@ JSRT_PIXEL_MM = 0.175
 WHITE_12BIT = 4095
 NAME = "jsrt_scr"
 _ID = re.compile(r"^JPC[LN]N\d{3}$", re.IGNORECASE)
+#: an image file name: ``JPCLN001.IMG``, ``JPCLN001.png`` or ``JPCLN001.IMG.png`` (any case)
+_IMAGE_NAME = re.compile(r"^(JPC[LN]N\d{3})(?:\.img)?\.(img|png)$", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,53 +172,103 @@ def jsrt_picture(raw: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def find_images(root: str | os.PathLike, report: Report | None = None) -> dict[str, Path]:
-    """``{case id (JPCLN001): path}`` of the ``.IMG`` files in ``root`` or one level below.
+    """``{case id (JPCLN001): path}`` of the ``.IMG`` (or PNG export) files in ``root`` or one level below.
 
-    A case id found twice keeps its first file (``root`` before subfolders) and is reported.
+    A case's ``.IMG`` is preferred to its PNG export (the PNG is counted as ``png_ignored_for_img``);
+    a case id found twice in the same format keeps its first file (``root`` before subfolders)
+    and the other is reported.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "JSRT image folder not found")
-    found: dict[str, Path] = {}
+    by_kind: dict[str, dict[str, Path]] = {"img": {}, "png": {}}
     for p in sorted(root.glob("*")) + sorted(root.glob("*/*")):
-        if p.is_file() and p.suffix.lower() == ".img" and _ID.match(p.stem):
-            cid = p.stem.upper()
-            if cid in found:
-                if report is not None:
-                    report.problem(p, f"case {cid} repeats {found[cid]}; skipped")
-                continue
+        m = _IMAGE_NAME.match(p.name)
+        if not (m and p.is_file()):
+            continue
+        cid, kind = m.group(1).upper(), m.group(2).lower()
+        found = by_kind[kind]
+        if cid in found:
+            if report is not None:
+                report.problem(p, f"case {cid} repeats {found[cid]}; skipped")
+            continue
+        found[cid] = p
+    found = dict(by_kind["img"])
+    for cid, p in by_kind["png"].items():
+        if cid in found:
+            if report is not None:
+                report.count("png_ignored_for_img")
+        else:
             found[cid] = p
     if not found:
-        raise DataError(root, "no JPCLNnnn.IMG / JPCNNnnn.IMG files here or one level down")
-    return found
+        raise DataError(root, "no JPCLNnnn / JPCNNnnn images (.IMG or .png) here or one level down")
+    return dict(sorted(found.items()))
 
 
-def _fold_dirs(scr: Path) -> list[Path]:
-    for base in (scr, scr / "scratch", scr / "scr" / "scratch", scr / "scr"):
+def read_jsrt_picture(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """A JSRT image as ``(values float64 (rows, cols), top)``, higher = brighter.
+
+    ``.IMG``: :func:`jsrt_picture` of :func:`read_jsrt_img` (``4095 - raw``, 4095); a PNG export:
+    :func:`medspan.data_prep.cxr_common.read_picture` (as displayed; e.g. ``v``, 255 for 8 bits).
+
+    Raises:
+        DataError: the file cannot be read or is not valid JSRT data.
+    """
+    if Path(path).suffix.lower() == ".img":
+        return jsrt_picture(read_jsrt_img(path))
+    return read_picture(path)
+
+
+_BASES = ("", "scratch", "scr/scratch", "scr")
+
+
+def _structure_dir(masks_dir: Path, structure: str) -> Path | None:
+    """The folder of ``structure``'s masks: SCR's ``left lung`` or ``left_lung``."""
+    for name in (SCR_FOLDERS[structure], structure):
+        if (masks_dir / name).is_dir():
+            return masks_dir / name
+    return None
+
+
+def _has_structures(masks_dir: Path) -> bool:
+    return masks_dir.is_dir() and any(_structure_dir(masks_dir, s) is not None for s in STRUCTURES)
+
+
+def _fold_dirs(scr: Path) -> list[tuple[int, Path]]:
+    """``[(fold number, masks folder)]``: SCR's ``fold*/masks/`` folders, or one flat ``masks/`` (fold 0)."""
+    for base in (scr / b if b else scr for b in _BASES):
         folds = sorted(d for d in base.glob("fold*") if (d / "masks").is_dir())
         if folds:
-            return folds
-    raise DataError(scr, "no SCR fold*/masks/ folders here (expected scratch/fold1/masks/left lung/...)")
+            out = []
+            for d in folds:
+                m = re.search(r"(\d+)$", d.name)
+                out.append((int(m.group(1)) if m else 0, d / "masks"))
+            return out
+    for base in (scr / b if b else scr for b in _BASES):
+        if _has_structures(base / "masks"):
+            return [(0, base / "masks")]
+    if _has_structures(scr):
+        return [(0, scr)]
+    raise DataError(scr, "no SCR masks here (expected scratch/fold1/masks/left lung/... or masks/left lung/...)")
 
 
 def find_scr_masks(scr: str | os.PathLike, report: Report | None = None) -> dict[str, tuple[int, dict[str, Path]]]:
-    """``{case id: (fold number, {structure: mask path})}`` from the SCR folder.
+    """``{case id: (fold number, {structure: mask path})}`` from the SCR folder (``.gif`` or ``.png``).
 
-    A case found in two folds is reported and dropped.
+    Fold 0: the masks are not in fold folders (fold unknown). A case found in two folds is
+    reported and dropped.
     """
     out: dict[str, tuple[int, dict[str, Path]]] = {}
     dropped: set[str] = set()
-    for fold_dir in _fold_dirs(Path(scr)):
-        m = re.search(r"(\d+)$", fold_dir.name)
-        fold = int(m.group(1)) if m else 0
+    for fold, masks_dir in _fold_dirs(Path(scr)):
         here: dict[str, dict[str, Path]] = {}
-        for s, folder in SCR_FOLDERS.items():
-            d = fold_dir / "masks" / folder
-            if not d.is_dir():
+        for s in SCR_FOLDERS:
+            d = _structure_dir(masks_dir, s)
+            if d is None:
                 continue
-            for p in d.iterdir():
-                if p.suffix.lower() in (".gif", ".png") and _ID.match(p.stem):
-                    here.setdefault(p.stem.upper(), {})[s] = p
+            for p in sorted(d.iterdir()):
+                if p.suffix.lower() in (".gif", ".png") and _ID.match(p.stem):  # .gif before .png when both
+                    here.setdefault(p.stem.upper(), {}).setdefault(s, p)
         for cid, masks in here.items():
             if cid in out:
                 if report is not None:
@@ -222,7 +288,7 @@ def find_scr_masks(scr: str | os.PathLike, report: Report | None = None) -> dict
 
 @dataclass(frozen=True)
 class JsrtJob:
-    """One case: the ``.IMG``, its SCR masks (may be empty) and where the outputs go."""
+    """One case: the ``.IMG`` (or PNG export), its SCR masks (may be empty) and where the outputs go."""
 
     case_id: str
     image: str
@@ -263,8 +329,7 @@ def convert_case(job: JsrtJob) -> dict[str, Any]:
         written = {s: read_mask(paths[s]) for s in job.structures if job.masks}
         return {"paths": {k: str(v) for k, v in paths.items()}, "shape": png_shape(paths["image"]),
                 "skipped": True, "notes": _side_warnings(job.case_id, written)}
-    raw = read_jsrt_img(job.image)
-    values, top = jsrt_picture(raw)
+    values, top = read_jsrt_picture(job.image)
     masks_src = {s: read_mask(p) for s, p in job.masks}
     for s, m in masks_src.items():
         if m.ndim != 2:
@@ -378,7 +443,8 @@ def convert(
                                             round(JSRT_PIXEL_MM * JSRT_SHAPE[0] / rows, 6)]}
         if job.masks:
             e["label"] = [res["paths"][s] for s in structures]
-            e["fold"] = masks[job.case_id][0]
+            if masks[job.case_id][0]:  # 0: masks without fold folders, fold unknown
+                e["fold"] = masks[job.case_id][0]
         entries.append(e)
     report.count("images", len(entries))
 
@@ -388,13 +454,20 @@ def convert(
     else:
         test, rest = [], entries
     training, validation = patient_split(rest, val_fraction, seed)
+    if masks and test_fold is not None and not test:
+        print(f"[{NAME}] no case of SCR fold {test_fold} (masks without fold folders?): no test section")
+    kinds = {Path(j.image).suffix.lower() for j, r in zip(jobs, results) if r is not None}
+    source = " and ".join(
+        [text for ext, text in ((".img", "images = 4095 - raw 12-bit values (.IMG)"),
+                                (".png", "images = the PNG exports as displayed")) if ext in kinds]
+    ) or "no images"
     meta: dict[str, Any] = {"classes": ["nodule"]}
     if masks:
         meta["structures"] = list(structures)
     datalist = write_datalist(
         out_dir / "datalist.json", {"training": training, "validation": validation, "test": test},
         name=f"JSRT{' + SCR' if masks else ''} ({spec.describe()})",
-        description=("Converted by data_prep.jsrt_scr: images = 4095 - raw 12-bit values; labels = [nodule] from the "
+        description=(f"Converted by data_prep.jsrt_scr: {source}; labels = [nodule] from the "
                      "file name (JPCLN = 1, JPCNN = 0); label = one mask per structure, by the PATIENT's side "
                      "(left_lung lies on the image right); "
                      + (f"test = SCR fold {test_fold}; " if masks and test_fold is not None else "")
@@ -417,7 +490,8 @@ def convert(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``medspan prepare jsrt-scr``."""
-    parser.add_argument("--root", required=True, help="folder of the JSRT .IMG files (e.g. All247images)")
+    parser.add_argument("--root", required=True,
+                        help="folder of the JSRT .IMG files (e.g. All247images) or of their PNG exports (JPCLN001.png)")
     parser.add_argument("--scr", default=None, help="SCR folder (scr/, scratch/ or the one holding fold1/ fold2/)")
     parser.add_argument("--structures", nargs="+", default=list(STRUCTURES), choices=STRUCTURES, metavar="NAME",
                         help=f"structures to write, in this order (default: {' '.join(STRUCTURES)})")

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-priors": ("medspan.atlas.build_cli", "register one labeled exemplar onto every image and write per-image priors"),
     "priors-report": ("medspan.atlas.report_cli", "Dice and quality report of a build-priors folder, with an overlay PNG"),
     "prepare": ("medspan.data_prep.cli", "convert a public dataset's own layout into MONAI datalists (medspan prepare --help)"),
+    "compare": ("medspan.workflows.compare_cli", "scratch vs DINO vs SPAN x label fractions x seeds on cxr_seg/cxr_cls: table, plot, MLflow"),
 }
 
 #: commands whose outputs are written atomically item by item, so a re-run after Ctrl-C resumes

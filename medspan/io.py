@@ -204,8 +204,8 @@ def write_nifti_atomic(
     Args:
         array: numpy array or tensor in MONAI's spatial order ``(x, y[, z])``, or with one channel
             axis at ``channel_dim`` (e.g. ``(H, x, y, z)`` maps with ``channel_dim=0``), which is moved
-            last: ``(x, y, z, H)``. Trailing singleton spatial axes of a channel-less array are
-            dropped (MONAI's ``squeeze_end_dims``).
+            last: ``(x, y, z, H)``. Trailing singleton spatial axes of a channel-less 3D array are
+            dropped (MONAI's ``squeeze_end_dims``); a channel-less 2D array is stored as ``(x, y, 1)``.
         path: the output file.
         affine: ``(4, 4)`` RAS affine (a 2D ``(3, 3)`` one is embedded in 3D); default identity.
             Written as qform and sform with code 1, spatial units mm.
@@ -230,7 +230,9 @@ def write_nifti_atomic(
     if np.issubdtype(dtype, np.integer) and not np.issubdtype(data.dtype, np.integer) and data.dtype != bool:
         data = np.rint(data)
     writer = NibabelWriter(output_dtype=dtype)
-    writer.set_data_array(data, channel_dim=channel_dim, squeeze_end_dims=channel_dim is None, spatial_ndim=None)
+    # a channel-less 2D array is written as (x, y, 1): MONAI's end-dimension squeezing fails on 2D input
+    squeeze = channel_dim is None and data.ndim > 2
+    writer.set_data_array(data, channel_dim=channel_dim, squeeze_end_dims=squeeze, spatial_ndim=None)
     aff = None if affine is None else np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, float)
     writer.set_metadata({"affine": aff, "original_affine": aff}, resample=False)
     header = nib.Nifti1Header()

@@ -54,16 +54,33 @@ SMART_TOY: dict[str, Any] = {
     "hparams::head_bottleneck_dim": 16,
 }
 
+# the downstream bundles: 12 labeled 64-px phantoms (8 training, 2 validation, 2 test), 32-px network input
+DOWNSTREAM_TOY: dict[str, Any] = {
+    "hparams::data::n_cases": 12,
+    "hparams::data::n_val": 2,
+    "hparams::data::n_test": 2,
+    "hparams::data::size": 64,
+    "hparams::img_size": 32,
+    "hparams::epochs": 2,
+    "hparams::samples_per_epoch": 4,
+    "hparams::batch_size": 2,
+    "hparams::val_interval": 1,
+}
+
 TOY_TRAIN: dict[str, dict[str, Any]] = {
     # the exemplar's prior for every image: no registration, so a property check takes seconds
     "span_cxr": {**TOY_HPARAMS, "hparams::data::prior": "exemplar"},
     "smartformer_ct": dict(SMART_TOY),
+    "cxr_seg": {**DOWNSTREAM_TOY, "hparams::feature_size": 8},
+    "cxr_cls": {**DOWNSTREAM_TOY, "hparams::n_boot": 50},
 }
 """Per bundle: train.json overrides that make a run (or a property check) toy-sized."""
 
 TOY_INFERENCE: dict[str, dict[str, Any]] = {
     "span_cxr": {"hparams::val_size": 32},
     "smartformer_ct": {"hparams::spacing": [10.0, 10.0, 10.0]},
+    "cxr_seg": {"hparams::img_size": 32, "hparams::feature_size": 8},
+    "cxr_cls": {"hparams::img_size": 32},
 }
 """Per bundle: inference.json overrides for the toy inputs of :func:`toy_inputs`."""
 
@@ -76,7 +93,7 @@ def bundle_names() -> list[str]:
 def toy_inputs(bundle: str, folder: Path, n: int = 2) -> list[Path]:
     """Write ``n`` small input images for ``bundle``'s inference.json into ``folder``.
 
-    span_cxr: 64 x 48 8-bit PNG radiograph-like pictures; smartformer_ct: 40 x 40 x 36 NIfTI volumes
+    span_cxr, cxr_seg, cxr_cls: 64 x 48 8-bit PNG radiograph-like pictures; smartformer_ct: 40 x 40 x 36 NIfTI volumes
     in HU at 10 mm.
     """
     import numpy as np
@@ -85,7 +102,7 @@ def toy_inputs(bundle: str, folder: Path, n: int = 2) -> list[Path]:
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
-        if bundle == "span_cxr":
+        if bundle in ("span_cxr", "cxr_seg", "cxr_cls"):
             from PIL import Image
 
             yy, xx = np.mgrid[0:64, 0:48]

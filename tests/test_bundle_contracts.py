@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -194,8 +195,84 @@ def test_bundle_root_outside_a_workflow_is_refused() -> None:
     assert any("pass --bundle_root" in m for m in chain), chain
 
 
+PROBE_BUNDLES = [n for n in NAMES if "probe" in json.loads((BUNDLES / n / "inference.json").read_text())]
+"""The pretraining bundles: their inference.json writes attention maps of a probe."""
+
+
+def _fresh_copy_inference(name: str, tmp_path: Path) -> tuple[Path, list[Path], dict[str, torch.Tensor]]:
+    """Run inference.json of a copy of the bundle (no training ran) on a random model.pt and two toy images."""
+    copy = tmp_path / "fresh" / name
+    shutil.copytree(BUNDLES / name, copy, ignore=shutil.ignore_patterns("runs"))
+    assert not (copy / "runs").exists()
+    images = toy_inputs(name, tmp_path / "images", n=2)
+    model = tmp_path / "weights" / "model.pt"
+    model.parent.mkdir()
+    state = _toy_model(name, model, **TOY_INFERENCE[name])
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(copy / "inference.json"),
+           "--model_path", str(model), "--input", str(tmp_path / "images"), *cli_args(TOY_INFERENCE[name])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not list(cwd.iterdir()), "inference wrote into the working directory"
+    return copy, images, state
+
+
+def _network_output(copy: Path, name: str, image: Path, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+    """The bundle's own preprocessing and network_def with ``state``: (logits of the one image, its MetaTensor)."""
+    parser = ConfigParser()
+    parser.read_config(str(copy / "inference.json"))
+    parser.update({"bundle_root": str(copy), "device": "$torch.device('cpu')", "input": str(image),
+                   **TOY_INFERENCE[name]})
+    item = parser.get_parsed_content("preprocessing")({"image": str(image)})
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(state)
+    with torch.no_grad():
+        return net.eval()(item["image"][None].float())[0], item["image"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+def test_cxr_seg_inference_masks_on_the_input_grid(tmp_path: Path) -> None:
+    """cxr_seg/inference.json: per image a label-map PNG and NIfTI of the INPUT's size, equal to the network's masks."""
+    import nibabel as nib
+    from PIL import Image
+
+    from medspan.inference.writers import to_input_grid
+
+    copy, images, state = _fresh_copy_inference("cxr_seg", tmp_path)
+    out = copy / "runs" / "cxr_seg_scratch_f1_s0" / "inference"
+    for img in images:
+        stem = img.name.split(".")[0]
+        picture = np.asarray(Image.open(img))
+        mask_png = np.asarray(Image.open(out / f"{stem}_mask.png"))
+        mask_nii = np.asarray(nib.load(out / f"{stem}_mask.nii.gz").dataobj)[..., 0]
+        assert mask_png.shape == picture.shape == (64, 48)
+        np.testing.assert_array_equal(mask_png.T, mask_nii)
+        assert (out / f"{stem}_overlay.png").is_file()
+        logits, meta_image = _network_output(copy, "cxr_seg", img, state)
+        probs, _ = to_input_grid(torch.sigmoid(logits), meta_image)
+        expected = torch.where((probs > 0.5).any(0), probs.argmax(0) + 1, 0).numpy()
+        np.testing.assert_array_equal(mask_nii, expected)
+
+
+@pytest.mark.slow
+def test_cxr_cls_inference_probabilities(tmp_path: Path) -> None:
+    """cxr_cls/inference.json: predictions.csv holds one row per image with the network's probabilities."""
+    copy, images, state = _fresh_copy_inference("cxr_cls", tmp_path)
+    out = copy / "runs" / "cxr_cls_linear_scratch_f1_s0" / "inference"
+    lines = (out / "predictions.csv").read_text().splitlines()
+    classes = json.loads((copy / "inference.json").read_text())["hparams"]["classes"]
+    assert lines[0] == ",".join(["image", *classes]) and len(lines) == 1 + len(images)
+    for img, line in zip(sorted(images), lines[1:]):
+        cells = line.rsplit(",", len(classes))
+        assert cells[0].strip('"').endswith(img.name)
+        logits, _ = _network_output(copy, "cxr_cls", img, state)
+        np.testing.assert_allclose([float(c) for c in cells[1:]], torch.sigmoid(logits).numpy(), atol=2e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PROBE_BUNDLES)
 def test_inference_on_a_model_pt_in_a_fresh_copy(name: str, tmp_path: Path) -> None:
     """inference.json of a copied bundle where no training ran: a random model.pt, two images, from another cwd."""
     copy = tmp_path / "fresh" / name

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from medspan.data_prep import jsrt_scr as js
 from medspan.data_prep.cxr_common import CacheSpec
+from PIL import Image
+
 from medspan.data.datalist import load_datalist
 from medspan.errors import DataError
 
@@ -162,8 +162,8 @@ def test_bad_files_reported_and_exemplar(tmp_path):
     assert sorted(e["case_id"] for s in ("training", "validation", "test") for e in doc[s]) == ["JPCLN001", "JPCLN002"]
     assert not (out / "masks/JPCLN001_left_clavicle.png").exists()
     # the exemplar prior: the exemplar's masks softened, (S, x, y) MONAI order
-    from medspan.recipes.cxr import exemplar_masks
     from medspan.atlas.statistics import soften_masks
+    from medspan.recipes.cxr import exemplar_masks
 
     span = json.loads((out / "span_datalist.json").read_text())
     assert span["structures"] == ["left_lung", "right_lung", "heart"]
@@ -179,3 +179,97 @@ def test_bad_files_reported_and_exemplar(tmp_path):
     # both datalists pass medspan's validation (files exist, masks have their image's shape)
     assert len(load_datalist(path, "test", require=("image", "label"), check_shapes=True)) == 1
     assert len(load_datalist(out / "span_datalist.json", "training", require=("image", "prior"))) == len(train_ids)
+
+
+# ------------------------------------------------------------------- PNG exports (public mirrors)
+
+
+def block_picture(seed: int) -> np.ndarray:
+    """An 8-bit 2048 x 2048 picture constant on 32 x 32 blocks, values multiples of 17 (= k * 255 / 15)."""
+    r, c = np.mgrid[0:64, 0:64]
+    blocks = ((r * 3 + c * 5 + seed) % 16 * 17).astype(np.uint8)
+    return np.kron(blocks, np.ones((32, 32), np.uint8))
+
+
+def raw_of(picture: np.ndarray) -> np.ndarray:
+    """The 12-bit raw JSRT values of the same pixels: 4095 - raw = picture * 4095 / 255 exactly (k * 273)."""
+    return (4095 - (picture.astype(np.int64) // 17) * 273).astype(np.uint16)
+
+
+def save_png(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def test_png_exports_with_png_and_gif_masks_give_the_img_outputs(tmp_path):
+    cases = {"JPCLN001": 1, "JPCNN001": 2}
+    pics = {cid: block_picture(k) for k, cid in enumerate(cases)}
+    # the raw .IMG tree with SCR's GIF masks in fold folders
+    img_root, img_scr = make_jsrt(tmp_path / "raw", cases)
+    for k, cid in enumerate(cases):
+        write_img(img_root / "All247images" / f"{cid}.IMG", raw_of(pics[cid]))
+    # the mirror: PNG exports (one at 2048, one at 1024 named .IMG.png), masks as PNG (one at image size) and GIF
+    png_root, png_scr = tmp_path / "mirror/images", tmp_path / "mirror/scr"
+    save_png(png_root / "JPCLN001.png", pics["JPCLN001"])
+    save_png(png_root / "sub" / "JPCNN001.IMG.png", pics["JPCNN001"][::2, ::2])  # 16 x 16 blocks at 1024
+    for cid, fold in cases.items():
+        for s, m in scr_masks().items():
+            d = png_scr / f"fold{fold}" / "masks" / js.SCR_FOLDERS[s]
+            d.mkdir(parents=True, exist_ok=True)
+            if s == "heart":
+                save_png(d / f"{cid}.png", np.kron(m, np.ones((2, 2), bool)).astype(np.uint8) * 255)  # 2048 x 2048
+            elif s == "left_lung":
+                Image.fromarray(m.astype(np.uint8) * 255).save(d / f"{cid}.gif")
+            else:
+                save_png(d / f"{cid}.png", m.astype(np.uint8))  # 0/1 values
+    kw = {"test_fold": 2, "val_fraction": 0.0, "progress": False}
+    a_path, a_rep = js.convert(img_root, tmp_path / "out_img", CacheSpec(size=64), scr=img_scr, **kw)
+    b_path, b_rep = js.convert(png_root, tmp_path / "out_png", CacheSpec(size=64), scr=png_scr, **kw)
+    assert a_rep.problems == [] and b_rep.problems == []
+    a, b = json.loads(a_path.read_text()), json.loads(b_path.read_text())
+    assert "(.IMG)" in a.pop("description") and "PNG exports" in b.pop("description")
+    assert a == b  # same sections, entries (folds, labels, spacing_mm), structures, classes
+    assert [e["case_id"] for e in b["test"]] == ["JPCNN001"] and b["test"][0]["spacing_mm"] == [5.6, 5.6]
+    for e in b["training"] + b["test"]:
+        for rel in [e["image"], *e["label"]]:
+            got = np.asarray(Image.open(tmp_path / "out_png" / rel))
+            assert np.array_equal(got, np.asarray(Image.open(tmp_path / "out_img" / rel))), rel
+        img = np.asarray(Image.open(tmp_path / "out_png" / e["image"]))
+        assert np.array_equal(img, pics[e["case_id"]][::32, ::32])  # block means of the blocks: exact
+    for s, m in scr_masks().items():
+        got = np.asarray(Image.open(tmp_path / f"out_png/masks/JPCLN001_{s}.png")) > 0
+        assert np.array_equal(got, m.reshape(64, 16, 64, 16).mean(axis=(1, 3)) >= 0.5), s
+    # an .IMG next to a PNG export of the same case wins (the PNG is counted, not a problem)
+    save_png(img_root / "All247images" / "JPCLN001.png", np.zeros((64, 64), np.uint8))
+    found_rep = js.Report("t", tmp_path)
+    found = js.find_images(img_root, found_rep)
+    assert found["JPCLN001"].suffix == ".IMG" and found_rep.counts["png_ignored_for_img"] == 1
+    assert found_rep.problems == []
+
+
+def test_flat_scr_mirror_layout_without_folds(tmp_path):
+    root, scr = tmp_path / "images", tmp_path / "scr"
+    cids = ["JPCLN001", "JPCLN002", "JPCNN001", "JPCNN002"]
+    for k, cid in enumerate(cids):
+        save_png(root / f"{cid}.png", block_picture(k)[::8, ::8])  # 256 x 256 exports
+        for s, m in scr_masks().items():
+            folder = s if s == "left_lung" else js.SCR_FOLDERS[s]  # "left_lung" or SCR's "right lung"
+            save_png(scr / "masks" / folder / f"{cid}.png", m[::4, ::4].astype(np.uint8) * 255)
+    assert {cid: fold for cid, (fold, _m) in js.find_scr_masks(scr).items()} == dict.fromkeys(cids, 0)
+    path, report = js.convert(root, tmp_path / "out", CacheSpec(size=64), scr=scr, val_fraction=0.25,
+                              structures=("left_lung", "right_lung", "heart"), progress=False)
+    assert report.problems == []
+    doc = json.loads(path.read_text())
+    assert doc["test"] == [] and [len(doc["training"]), len(doc["validation"])] == [3, 1]
+    entries = {e["case_id"]: e for e in doc["training"] + doc["validation"]}
+    assert sorted(entries) == cids and all("fold" not in e for e in entries.values())
+    assert entries["JPCLN002"]["labels"] == [1] and entries["JPCNN002"]["labels"] == [0]
+    assert entries["JPCLN001"]["label"] == [f"masks/JPCLN001_{s}.png" for s in ("left_lung", "right_lung", "heart")]
+    assert entries["JPCLN001"]["spacing_mm"] == [5.6, 5.6]
+    img = np.asarray(Image.open(tmp_path / "out/images/JPCNN002.png"))
+    assert np.array_equal(img, block_picture(3)[::32, ::32])  # 4 x 4 blocks of the export
+    heart = np.asarray(Image.open(tmp_path / "out/masks/JPCLN001_heart.png")) > 0
+    assert np.array_equal(heart, scr_masks()["heart"][::4, ::4].reshape(64, 4, 64, 4).mean(axis=(1, 3)) >= 0.5)
+    assert len(load_datalist(path, "training", require=("image", "label"), check_shapes=True)) == 3
+    with pytest.raises(DataError, match="no SCR masks here"):
+        js.find_scr_masks(tmp_path / "images")

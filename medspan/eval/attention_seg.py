@@ -40,6 +40,7 @@ __all__ = [
     "attention_dice",
     "attention_to_maps",
     "format_summary",
+    "mass_keep_mask",
     "summarize_heads",
 ]
 
@@ -168,6 +169,40 @@ def attention_ap(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return total / count  # 0 / 0 = NaN where never present
 
 
+def mass_keep_mask(maps: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
+    """The smallest set of each map's largest pixels that holds ``mass`` of its mass (DINO's rule).
+
+    Negative values are clipped to 0. Pixels tied with the last kept value are all kept, so the
+    result does not depend on sort order; an all-zero map keeps every pixel. Used by
+    :func:`attention_dice` and by ``medspan.eval.segmentation.attention_masks``.
+
+    Args:
+        maps: ``(B, H, *size)`` attention maps.
+        mass: fraction of each map's mass to keep, in (0, 1].
+
+    Returns:
+        ``(B, H, *size)`` bool.
+
+    Example::
+
+        >>> mass_keep_mask(torch.tensor([[[5.0, 3.0, 2.0, 0.0]]])).tolist()   # 5 + 3 >= 60 % of 10
+        [[[True, True, False, False]]]
+    """
+    if maps.ndim < 2:
+        raise ValueError(f"maps must be (B, H, *size), got shape {tuple(maps.shape)}")
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    _check_finite(maps, "maps")
+    b, h = maps.shape[:2]
+    m = maps.reshape(b, h, -1).to(torch.float64).clamp_min(0.0)
+    p = m.shape[-1]
+    vals = torch.sort(m, dim=-1, descending=True).values
+    cum = torch.cumsum(vals, dim=-1) / m.sum(-1, keepdim=True)
+    first = (cum < mass).sum(-1, keepdim=True).clamp_max(p - 1)  # first index reaching `mass`
+    keep = m >= torch.gather(vals, -1, first)  # (B, H, P)
+    return keep.reshape(maps.shape)
+
+
 def attention_dice(maps: torch.Tensor, masks: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
     """Dice of each head's mass-thresholded map with each structure's mask (DINO's protocol).
 
@@ -190,16 +225,9 @@ def attention_dice(maps: torch.Tensor, masks: torch.Tensor, mass: float = 0.6) -
         0.5
     """
     _check_maps_masks(maps, masks)
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass must be in (0, 1], got {mass}")
     b, h = maps.shape[:2]
     s = masks.shape[1]
-    m = maps.reshape(b, h, -1).to(torch.float64).clamp_min(0.0)
-    p = m.shape[-1]
-    vals = torch.sort(m, dim=-1, descending=True).values
-    cum = torch.cumsum(vals, dim=-1) / m.sum(-1, keepdim=True)
-    first = (cum < mass).sum(-1, keepdim=True).clamp_max(p - 1)  # first index reaching `mass`
-    keep = (m >= torch.gather(vals, -1, first)).to(torch.float64)  # (B, H, P)
+    keep = mass_keep_mask(maps, mass).reshape(b, h, -1).to(torch.float64)  # (B, H, P)
     mk = masks.reshape(b, s, -1).bool().to(torch.float64)  # (B, S, P)
     inter = torch.bmm(keep, mk.transpose(1, 2))  # (B, H, S)
     dice = 2.0 * inter / (keep.sum(-1)[:, :, None] + mk.sum(-1)[:, None, :])

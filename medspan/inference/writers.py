@@ -32,9 +32,14 @@ from medspan.data.datalist import load_datalist
 from medspan.data.readers import IMAGE_SUFFIXES, image_stem, is_dicom_series
 from medspan.errors import DataError, find_medspan_error
 from medspan.eval.overlay import attention_overlay
-from medspan.io import write_json_atomic, write_nifti_atomic, write_png_atomic
+from medspan.io import (
+    write_json_atomic,
+    write_nifti_atomic,
+    write_png_atomic,
+    write_text_atomic,
+)
 
-__all__ = ["REPORT_NAME", "AttentionMapWriter", "InferenceDataset", "find_images", "image_stems"]
+__all__ = ["REPORT_NAME", "AttentionMapWriter", "InferenceDataset", "MaskWriter", "ProbabilityWriter", "find_images", "image_stems", "to_input_grid"]
 
 REPORT_NAME = "inference_report.json"
 """The report :class:`InferenceDataset` writes next to the outputs."""
@@ -142,6 +147,136 @@ class AttentionMapWriter:
             path = self.output_dir / f"{stem}_overlay.png"
             attention_overlay(img, m, None, titles, path)
             self.written.append(path)
+
+
+def to_input_grid(probs: torch.Tensor, image: Any) -> tuple[torch.Tensor, Any]:
+    """Probabilities (S, x, y) on the network's grid -> (S, *original spatial shape), with the input's affine.
+
+    The original size is the reader's ``meta["spatial_shape"]`` (bilinear resampling); the affine is
+    ``meta["original_affine"]`` when the reader kept it, else ``meta["affine"]`` scaled back to it.
+    """
+    meta = getattr(image, "meta", {}) or {}
+    shape = meta.get("spatial_shape")
+    shape = tuple(int(v) for v in (shape.tolist() if hasattr(shape, "tolist") else shape)) if shape is not None else None
+    out = probs
+    if shape is not None and tuple(probs.shape[1:]) != shape:
+        out = torch.nn.functional.interpolate(probs[None].float(), size=shape, mode="bilinear", align_corners=False)[0]
+    affine = meta.get("original_affine")
+    if affine is None:
+        affine = getattr(image, "affine", None)
+        if affine is not None and shape is not None:
+            affine = torch.as_tensor(affine, dtype=torch.float64).clone()
+            scale = torch.tensor([probs.shape[1 + i] / shape[i] for i in range(len(shape))], dtype=torch.float64)
+            affine[: len(shape), : len(shape)] = affine[: len(shape), : len(shape)] * scale
+    return out, affine
+
+
+class MaskWriter:
+    """Write one segmentation per image, on the input's own grid and size, plus an overlay.
+
+    For each image the evaluator sees (output ``image`` (B, C, x, y) MetaTensor, ``pred`` (B, S, x, y)
+    logits; ``decollate=False``), the sigmoid probabilities are resampled to the input's original
+    size (:func:`to_input_grid`) and thresholded; a pixel above threshold in several structures goes
+    to the most probable one. Files (each written under a temporary name, then renamed):
+
+    - ``<stem>_mask.png``: 8-bit label map as a picture (rows, cols): 0 background, ``s + 1`` for
+      ``structures[s]``;
+    - ``<stem>_mask.nii.gz``: the same label map (x, y) with the input's affine;
+    - ``<stem>_overlay.png``: the image, then one panel per structure (probability as heat colour),
+      every predicted outline drawn on each.
+
+    Args:
+        output_dir: destination folder.
+        structures: names of the S output channels.
+        threshold: probability threshold.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, structures: Sequence[str], threshold: float = 0.5) -> None:
+        self.output_dir = Path(output_dir)
+        self.structures = list(structures)
+        self.threshold = float(threshold)
+        self.written: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        out = engine.state.output
+        if isinstance(out, list):
+            out = {k: torch.stack([torch.as_tensor(o[k]) for o in out]) for k in ("image", "pred")}
+        images, logits = out["image"], out["pred"]
+        if logits.shape[1] != len(self.structures):
+            raise DataError("<network output>", f"{logits.shape[1]} channels but {len(self.structures)} structures")
+        names = image_stems(images)
+        for b in range(logits.shape[0]):
+            self._write_one(names[b], images[b], torch.sigmoid(logits[b].detach().float().cpu()))
+
+    def _write_one(self, stem: str, image: Any, probs: torch.Tensor) -> None:
+        probs_in, affine = to_input_grid(probs, image)
+        img_in, _ = to_input_grid(torch.as_tensor(image).detach().float().cpu()[:1], image)
+        above = probs_in > self.threshold
+        best = probs_in.argmax(0)
+        label = torch.where(above.any(0), best + 1, torch.zeros_like(best)).to(torch.uint8).numpy()  # (x, y)
+        self.written.append(write_png_atomic(label.T, self.output_dir / f"{stem}_mask.png"))
+        self.written.append(write_nifti_atomic(label, self.output_dir / f"{stem}_mask.nii.gz", affine, dtype=np.uint8))
+        masks = np.stack([label == s + 1 for s in range(len(self.structures))])
+        path = self.output_dir / f"{stem}_overlay.png"
+        attention_overlay(img_in.numpy(), probs_in.numpy(), masks, self.structures, path,
+                          mask_names=self.structures)
+        self.written.append(path)
+
+
+class ProbabilityWriter:
+    """Collect per-image class probabilities; write ``predictions.csv`` and ``predictions.json`` at the end.
+
+    The evaluator output holds ``image`` (B, C, x, y) MetaTensor and ``pred`` (B, K) logits
+    (``decollate=False``). ``predictions.csv`` has one row per image: ``image`` (the file), then one
+    column per class with the sigmoid probability (6 decimals); ``predictions.json`` the same as a
+    list of ``{"image", "probabilities": {class: p}}``. Both are written atomically when the run
+    completes, so a partial run leaves no file that looks complete.
+
+    Args:
+        output_dir: destination folder.
+        classes: names of the K outputs.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, classes: Sequence[str]) -> None:
+        self.output_dir = Path(output_dir)
+        self.classes = list(classes)
+        self.rows: list[dict[str, Any]] = []
+        self.written: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def __call__(self, engine: Engine) -> None:
+        out = engine.state.output
+        if isinstance(out, list):
+            out = {k: torch.stack([torch.as_tensor(o[k]) for o in out]) for k in ("image", "pred")}
+        images, logits = out["image"], out["pred"]
+        if logits.ndim != 2 or logits.shape[1] != len(self.classes):
+            raise DataError("<network output>", f"expected (B, {len(self.classes)}) logits, got {tuple(logits.shape)}")
+        meta = getattr(images, "meta", {}) or {}
+        files = meta.get("filename_or_obj") or [f"image_{i}" for i in range(logits.shape[0])]
+        files = [files] if isinstance(files, str) else list(files)
+        probs = torch.sigmoid(logits.detach().float().cpu())
+        for b in range(probs.shape[0]):
+            self.rows.append({"image": str(files[b]),
+                              "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs[b])}})
+
+    def write(self, engine: Engine | None = None) -> list[Path]:
+        """Write both files (also when no image could be read: then with no rows)."""
+        lines = [",".join(["image", *self.classes])]
+        for r in self.rows:
+            name = r["image"].replace('"', '""')
+            lines.append(",".join([f'"{name}"', *(f"{r['probabilities'][c]:.6f}" for c in self.classes)]))
+        self.written = [
+            write_text_atomic("\n".join(lines) + "\n", self.output_dir / "predictions.csv"),
+            write_json_atomic({"classes": self.classes, "predictions": self.rows}, self.output_dir / "predictions.json"),
+        ]
+        return self.written
 
 
 def _failure_text(exc: BaseException) -> str:

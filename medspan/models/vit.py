@@ -54,6 +54,7 @@ __all__ = [
     "VisionTransformer",
     "build_vit",
     "init_weights",
+    "resize_pos_embed",
 ]
 
 
@@ -70,6 +71,9 @@ class ViTOutput:
         cls_logits: (B, H', N) or None. The raw CLS->patch logits ``q_cls . k_i / sqrt(d)`` of
             the same heads (same dtype as ``cls_attn``).
         grid: the patch grid, in the order of the input's spatial axes, e.g. ``(14, 14)``.
+        hidden: list of (B, N, D) or None. On request (``return_layers``), the patch tokens output
+            by the given blocks (0-based), in the order asked: CLS dropped, before the final
+            LayerNorm (what a UNETR-style decoder takes as skips).
     """
 
     cls: Tensor
@@ -77,6 +81,7 @@ class ViTOutput:
     cls_attn: Tensor | None
     cls_logits: Tensor | None
     grid: tuple[int, ...]
+    hidden: list[Tensor] | None = None
 
 
 class DropPath(nn.Module):
@@ -155,7 +160,7 @@ class Attention(nn.Module):
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Split ``x`` (B, T, D) into q, k, v, each (B, H, T, D/H)."""
-        b, t, d = x.shape
+        b, t, _ = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
@@ -297,13 +302,7 @@ class VisionTransformer(nn.Module):
         grid = tuple(int(g) for g in grid)
         if grid == self.pos_grid:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        d = patch_pos.shape[-1]
-        patch_pos = patch_pos.reshape(1, *self.pos_grid, d).movedim(-1, 1)  # (1, D, *pos_grid)
-        mode = "bicubic" if self.spatial_dims == 2 else "trilinear"
-        patch_pos = F.interpolate(patch_pos, size=grid, mode=mode, align_corners=False)
-        patch_pos = patch_pos.flatten(2).transpose(1, 2)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resize_pos_embed(self.pos_embed, self.pos_grid, grid)
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 2 + self.spatial_dims or x.shape[1] != self.in_chans:
@@ -333,6 +332,7 @@ class VisionTransformer(nn.Module):
         x: Tensor,
         return_attention: bool = False,
         attn_heads: Sequence[int] | None = None,
+        return_layers: Sequence[int] | None = None,
     ) -> ViTOutput:
         """Run the ViT.
 
@@ -340,22 +340,38 @@ class VisionTransformer(nn.Module):
             x: (B, C, *spatial), each spatial size divisible by ``patch_size``.
             return_attention: also return the last block's CLS->patch attention and logits.
             attn_heads: which heads of the last block (default: all, in order).
+            return_layers: blocks (0-based, in ``[0, depth)``, repeats allowed) whose output patch
+                tokens are returned in ``hidden``, in this order.
 
         Returns:
-            :class:`ViTOutput`; ``cls_attn``/``cls_logits`` are (B, len(attn_heads), N) or None.
+            :class:`ViTOutput`; ``cls_attn``/``cls_logits`` are (B, len(attn_heads), N) or None;
+            ``hidden`` is a list of len(return_layers) tensors (B, N, D), or None when not asked.
+
+        Raises:
+            ValueError: an ``attn_heads`` or ``return_layers`` entry out of range.
         """
         heads: list[int] | None = None
         if return_attention:
             heads = list(range(self.num_heads)) if attn_heads is None else [int(h) for h in attn_heads]
             if not heads or any(not 0 <= h < self.num_heads for h in heads):
                 raise ValueError(f"attn_heads {heads} must be a non-empty list of ints in [0, {self.num_heads})")
+        layers: list[int] | None = None
+        if return_layers is not None:
+            layers = list(return_layers)
+            if any(isinstance(i, bool) or not hasattr(i, "__index__") or not 0 <= i < self.depth
+                   for i in layers):
+                raise ValueError(f"return_layers {layers} must be block indices (ints) in [0, {self.depth})")
+            layers = [int(i) for i in layers]
         tokens, grid = self.prepare_tokens(x)
         last = len(self.blocks) - 1
         logits = None
+        outputs: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks):
             tokens, lg = blk(tokens, cls_heads=heads if i == last else None)
             if lg is not None:
                 logits = lg
+            if layers is not None and i in layers:
+                outputs[i] = tokens[:, 1:]
         tokens = self.norm(tokens)
         cls_attn = cls_logits = None
         if logits is not None:
@@ -369,11 +385,36 @@ class VisionTransformer(nn.Module):
             cls_attn=cls_attn,
             cls_logits=cls_logits,
             grid=grid,
+            hidden=None if layers is None else [outputs[i] for i in layers],
         )
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, *spatial) -> normalised CLS token (B, D)."""
         return self.forward_features(x).cls
+
+
+def resize_pos_embed(pos_embed: Tensor, src_grid: Sequence[int], grid: Sequence[int]) -> Tensor:
+    """Resize a position embedding (1, 1+prod(src_grid), D) with a CLS entry to ``grid``.
+
+    The CLS entry is kept; the patch part is resized with bicubic (2D grid) / trilinear (3D grid)
+    interpolation, ``align_corners=False`` (the rule of :meth:`VisionTransformer.interpolate_pos_embed`,
+    which calls this). Returns (1, 1+prod(grid), D); ``pos_embed`` itself when the grids are equal.
+    """
+    src_grid = tuple(int(g) for g in src_grid)
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != len(src_grid) or len(grid) not in (2, 3):
+        raise ValueError(f"grids must both be 2D or both 3D, got {src_grid} and {grid}")
+    if pos_embed.ndim != 3 or pos_embed.shape[1] != 1 + math.prod(src_grid):
+        raise ValueError(f"pos_embed of shape {tuple(pos_embed.shape)} does not fit grid {src_grid} (+1 CLS)")
+    if grid == src_grid:
+        return pos_embed
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    d = patch_pos.shape[-1]
+    patch_pos = patch_pos.reshape(1, *src_grid, d).movedim(-1, 1)  # (1, D, *src_grid)
+    mode = "bicubic" if len(grid) == 2 else "trilinear"
+    patch_pos = F.interpolate(patch_pos, size=grid, mode=mode, align_corners=False)
+    patch_pos = patch_pos.flatten(2).transpose(1, 2)
+    return torch.cat([cls_pos, patch_pos], dim=1)
 
 
 def init_weights(m: nn.Module) -> None:

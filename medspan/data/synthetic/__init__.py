@@ -22,12 +22,13 @@ from medspan.data.synthetic.ct import (
     nodule_malignancy,
     synth_ct,
 )
-from medspan.data.synthetic.cxr import CXR_STRUCTURES, synth_cxr
+from medspan.data.synthetic.cxr import CXR_FINDINGS, CXR_STRUCTURES, synth_cxr
 from medspan.data.synthetic.shapes import case_seed
 from medspan.data.synthetic.writers import write_ct_dataset, write_cxr_dataset
 
 __all__ = [
     "CT_STRUCTURES",
+    "CXR_FINDINGS",
     "CXR_STRUCTURES",
     "case_seed",
     "ct_geometry",

@@ -32,6 +32,17 @@ from medspan.data.synthetic.shapes import (
 CXR_STRUCTURES: tuple[str, ...] = ("left_lung", "right_lung", "heart", "spine", "ribs", "clavicles")
 """Order of the CXR label channels (``label`` list of a datalist entry)."""
 
+CXR_FINDINGS: tuple[str, ...] = ("cardiomegaly", "nodule", "effusion", "pneumothorax")
+"""The findings :func:`synth_cxr` records per case in ``params["findings"]`` (classification labels)."""
+
+CXR_GENERATOR_VERSION = 2
+"""Version of the CXR phantom's image content, recorded by the writers (1: no findings but
+cardiomegaly; 2: nodule, effusion and pneumothorax added). A folder written by another version is
+refused, so cases of two versions are never mixed."""
+
+FINDING_PREVALENCE = 0.25
+"""Probability of each of ``nodule``, ``effusion``, ``pneumothorax`` (independent draws; cardiomegaly: 0.2)."""
+
 # ----------------------------------------------------------------------------------------------
 # Templates (canonical frame of the CXR phantom: x to the image right, y down, image = [-1, 1]^2)
 # ----------------------------------------------------------------------------------------------
@@ -67,8 +78,8 @@ _CAGE = (
 )
 _CAGE_CENTRE = (0.0, 0.0)
 
-def synth_cxr(seed: int, size: int = 256) -> dict[str, Any]:
-    """Generate one phantom PA chest radiograph with its structure masks.
+def synth_cxr(seed: int, size: int = 256, findings: bool = True) -> dict[str, Any]:
+    """Generate one phantom PA chest radiograph with its structure masks and findings.
 
     The anatomy is built from smooth analytic shapes in a canonical frame (lung fields and heart
     as Fourier-perturbed polar contours, rib families as curved bands, spine, clavicles,
@@ -81,14 +92,35 @@ def synth_cxr(seed: int, size: int = 256) -> dict[str, Any]:
     heart are pairwise disjoint. ``ribs`` holds the posterior and anterior rib bands inside the
     thoracic cage, ``body`` the patient's silhouette.
 
+    Findings (:data:`CXR_FINDINGS`), each depending on the anatomy of the case:
+
+    * ``cardiomegaly`` (20%): a wider heart (part of the anatomy draw; the heart mask follows it);
+    * ``nodule`` (25%): a round soft-tissue opacity 8-20 mm across, inside one lung field;
+    * ``effusion`` (25%): fluid density filling the lateral costophrenic angle of one lung, with a
+      meniscus (higher at the chest wall) and no vessel markings through it;
+    * ``pneumothorax`` (25%): a rim of lucency without vessel markings along the apex and upper
+      lateral edge of one lung, bounded by a thin bright visceral pleural line.
+
+    The last three are drawn from their own random stream (``default_rng([seed, 7])``), so the
+    anatomy, the masks and the rest of the image are those of ``findings=False`` for the same
+    seed; they change the attenuation (before the tone curve), and with none drawn the image is
+    bit-identical to the one without findings. The organ masks stay anatomical: a nodule or an
+    effusion does not cut the lung mask, a pneumothorax does not shrink it.
+
     Args:
-        seed: any int; the same seed gives bit-identical output.
+        seed: any int >= 0; the same seed gives bit-identical output.
         size: output side in pixels.
+        findings: False: no nodule / effusion / pneumothorax (the generator of version 1; all
+            three recorded as False; cardiomegaly still drawn).
 
     Returns:
         ``{"image": float32 (size, size) in [0, 1], "masks": {name: bool (size, size)} for
         CXR_STRUCTURES + ("body",), "structures": CXR_STRUCTURES, "spacing": (mm per column,
-        mm per row), "seed": seed, "params": {...}}``.
+        mm per row), "seed": seed, "params": {"cardiomegaly": bool, "findings": {name: bool}
+        for CXR_FINDINGS, "finding_details": {name: {...}} of the findings present (``side``
+        = the lung, and ``centre_rc`` (pixels) / ``diameter_mm`` of a nodule, ``height_mm`` of
+        an effusion, ``depth_mm`` (about: canonical units x 200 mm) of a pneumothorax), "arms": bool,
+        "rotation_deg": float}}``.
 
     Example::
 
@@ -302,7 +334,7 @@ def synth_cxr(seed: int, size: int = 256) -> dict[str, Any]:
         k = a.shape[0]
         tree_img.append((flat[at : at + k], flat[at + k : at + 2 * k], w))
         at += 2 * k
-    to_idx = lambda p: (p[:, ::-1] + 1.0) / 2.0 * size - 0.5  # noqa: E731  (x, y) -> (row, col)
+    to_idx = lambda p: (p[:, ::-1] + 1.0) / 2.0 * size - 0.5  # (x, y) -> (row, col)
     thick = splat_segments(tree_img[:3], (size, size), to_idx, 0.75 * px)
     thin = splat_segments(tree_img[3:], (size, size), to_idx, 0.75 * px)
     # parenchymal texture: white noise blurred together with the thin vessels
@@ -337,6 +369,18 @@ def synth_cxr(seed: int, size: int = 256) -> dict[str, Any]:
         + 0.1 * breasts * body_soft
         + lung_area * (1 - 0.7 * heart_soft) * (0.1 * np.clip(vessels, -0.3, 1.2) + 0.1 * hila)
     )
+    present = {"cardiomegaly": bool(cardiomegaly), "nodule": False, "effusion": False, "pneumothorax": False}
+    details: dict[str, dict[str, Any]] = {}
+    if findings:
+        vessel_term = lung_area * (1 - 0.7 * heart_soft) * (0.1 * np.clip(vessels, -0.3, 1.2) + 0.1 * hila)
+        extra, details = _findings_attenuation(
+            np.random.default_rng([int(seed), 7]), x, y, u, v, px,
+            {"right_lung": (right_lung, r_field, r_air), "left_lung": (left_lung, l_field, l_air)},
+            heart_soft, body_soft, vessel_term,
+        )
+        if extra is not None:
+            att = att + extra
+        present.update({k: True for k in details})
     att = att * f32(rng.uniform(0.92, 1.08))
     # tone curve (sigmoid around a random level, normalised so that air -> 0), then gamma
     level = rng.uniform(0.55, 0.65)
@@ -368,8 +412,103 @@ def synth_cxr(seed: int, size: int = 256) -> dict[str, Any]:
         "structures": CXR_STRUCTURES,
         "spacing": (spacing, spacing),
         "seed": int(seed),
-        "params": {"cardiomegaly": bool(cardiomegaly), "arms": bool(arms), "rotation_deg": float(np.rad2deg(angle))},
+        "params": {
+            "cardiomegaly": bool(cardiomegaly),
+            "findings": present,
+            "finding_details": details,
+            "arms": bool(arms),
+            "rotation_deg": float(np.rad2deg(angle)),
+        },
     }
+
+
+def _findings_attenuation(
+    frng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    px: float,
+    lungs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    heart_soft: np.ndarray,
+    body_soft: np.ndarray,
+    vessel_term: np.ndarray,
+) -> tuple[np.ndarray | None, dict[str, dict[str, Any]]]:
+    """Attenuation added by the nodule / effusion / pneumothorax findings drawn from ``frng``.
+
+    All draws come first and in a fixed order (three presence flags, then every parameter of
+    every finding whether present or not), so each finding's shape depends only on the seed.
+    ``x, y`` are the image coordinates in ``[-1, 1]`` (one unit = 200 mm), ``u, v`` the canonical
+    ones; ``lungs`` maps each lung to ``(mask, field depth, soft air)`` arrays ``(rows, cols)``.
+
+    Returns:
+        ``(float32 (rows, cols) added to the attenuation or None when no finding is present,
+        {finding: details})``.
+    """
+    f32 = np.float32
+    size = x.shape[0]
+    flags = frng.random(3) < FINDING_PREVALENCE
+    sides = ["left_lung" if frng.random() < 0.5 else "right_lung" for _ in range(3)]
+    nod_t, nod_d_mm, nod_aspect, nod_angle = frng.random(), frng.uniform(8.0, 20.0), frng.uniform(0.85, 1.15), frng.uniform(0, np.pi)
+    nod_amp = frng.uniform(0.26, 0.36)
+    eff_h, eff_w, eff_amp = frng.uniform(0.1, 0.2), frng.uniform(0.18, 0.35), frng.uniform(0.5, 0.58)
+    ptx_d, ptx_dir, ptx_spread = frng.uniform(0.06, 0.11), np.deg2rad(frng.uniform(40, 80)), np.deg2rad(frng.uniform(70, 95))
+    ptx_line = frng.uniform(0.14, 0.2)
+
+    extra = np.zeros_like(x)
+    details: dict[str, dict[str, Any]] = {}
+    mm = 200.0  # mm per image unit (the image spans 400 mm)
+    if flags[0]:  # nodule: a soft-tissue sphere seen in projection, fully inside the chosen lung when it fits
+        mask = lungs[sides[0]][0]
+        if mask.any():
+            radius = nod_d_mm / 2.0 / mm
+            inside = ndi.distance_transform_edt(mask) * px  # distance to the lung edge, image units
+            cand = np.flatnonzero(inside >= radius + px)
+            if cand.size == 0:
+                cand = np.array([int(np.argmax(inside))])
+            r0, c0 = divmod(int(cand[min(int(nod_t * cand.size), cand.size - 1)]), size)
+            cx, cy = float(x[r0, c0]), float(y[r0, c0])
+            ca, sa = np.cos(nod_angle), np.sin(nod_angle)
+            dx, dy = x - f32(cx), y - f32(cy)
+            du = (f32(ca) * dx + f32(sa) * dy) * f32(1 / nod_aspect)
+            dv = (f32(-sa) * dx + f32(ca) * dy) * f32(nod_aspect)
+            rho = np.hypot(du, dv) * f32(1 / radius)
+            sphere = np.sqrt(np.clip(1 - rho * rho, 0, 1))
+            rim = np.clip((1 - rho) * f32(radius / (0.7 * px)) + 0.5, 0, 1)  # anti-aliased edge
+            extra += f32(nod_amp) * np.maximum(np.sqrt(sphere), rim * f32(0.3)) * rim
+            details["nodule"] = {"side": sides[0], "centre_rc": [r0, c0], "diameter_mm": round(float(nod_d_mm), 2)}
+    if flags[1]:  # effusion: fluid in the lateral costophrenic angle, meniscus rising towards the wall
+        mask, _field, air = lungs[sides[1]]
+        if mask.any():
+            sgn = f32(-1.0 if sides[1] == "right_lung" else 1.0)
+            lat = sgn * u  # increases towards the chest wall of that side
+            score = np.where(mask, lat + v, -np.inf)
+            r0, c0 = np.unravel_index(int(np.argmax(score)), score.shape)  # the costophrenic angle
+            a_cp, v_cp = float(lat[r0, c0]), float(v[r0, c0])
+            surface = f32(v_cp) - f32(eff_h) * np.exp(np.minimum(lat - f32(a_cp), 0) * f32(1 / eff_w))
+            depth = v - surface
+            fluid = np.clip(depth * f32(1 / (1.5 * px)) + 0.5, 0, 1) * (f32(0.75) + f32(0.25) * smoothstep(depth * f32(1 / eff_h)))
+            fluid *= air * (1 - f32(0.85) * heart_soft) * body_soft
+            extra += fluid * (f32(eff_amp) - vessel_term * f32(0.9) * (air > 0))
+            details["effusion"] = {"side": sides[1], "height_mm": round(float(eff_h * mm), 2)}
+    if flags[2]:  # pneumothorax: air rim without lung markings at the apex / upper lateral edge
+        mask, field, air = lungs[sides[2]]
+        if mask.any():
+            sgn = f32(-1.0 if sides[2] == "right_lung" else 1.0)
+            lat = sgn * u
+            c_lat, c_v = float(lat[mask].mean()), float(v[mask].mean())
+            dl, dv_ = lat - f32(c_lat), v - f32(c_v)
+            rho = np.maximum(np.hypot(dl, dv_), f32(1e-6))
+            cos_dir = (dl * f32(np.cos(ptx_dir)) - dv_ * f32(np.sin(ptx_dir))) / rho  # 1 towards up-lateral
+            lo = f32(np.cos(ptx_spread))
+            width = f32(ptx_d) * np.clip((cos_dir - lo) / (1 - lo), 0, 1) ** f32(0.6)
+            edge = f32(0.7 * px)
+            inner = np.clip(field / edge + 0.5, 0, 1)
+            rim = inner * np.clip((width - field) / edge + 0.5, 0, 1) * (width > 0)
+            line = np.exp(-0.5 * ((field - width) / f32(0.6 * px)) ** 2) * smoothstep(width / f32(0.3 * ptx_d)) * inner
+            extra += -rim * (vessel_term + f32(0.1) * air) + f32(ptx_line) * line * body_soft
+            details["pneumothorax"] = {"side": sides[2], "depth_mm": round(float(ptx_d * mm), 2)}
+    return (extra.astype(np.float32) if details else None), details
 
 
 _GLYPHS = {

@@ -28,7 +28,7 @@ from medspan.data.synthetic.ct import (
     ct_geometry,
     synth_ct,
 )
-from medspan.data.synthetic.cxr import CXR_STRUCTURES, synth_cxr
+from medspan.data.synthetic.cxr import CXR_GENERATOR_VERSION, CXR_STRUCTURES, synth_cxr
 from medspan.data.synthetic.shapes import GENERATOR_VERSION, case_seed
 from medspan.errors import DataError
 from medspan.io import (
@@ -141,15 +141,19 @@ def _cxr_case_paths(case_id: str, fmt: str) -> dict[str, str]:
     paths = {"image": f"images/{case_id}.{ext}"}
     for name in (*CXR_STRUCTURES, "body"):
         paths[name] = f"masks/{case_id}_{name}.png"
+    paths["findings"] = f"masks/{case_id}_findings.json"
     return paths
 
 
-def _write_cxr_case(out_dir: str, index: int, seed: int, size: int, fmt: str, bit_depth: int, force: bool) -> dict[str, Any]:
+def _write_cxr_case(
+    out_dir: str, index: int, seed: int, size: int, fmt: str, bit_depth: int, force: bool, findings: bool = True
+) -> dict[str, Any]:
     out = Path(out_dir)
     case_id = f"cxr_{index:04d}"
     paths = _cxr_case_paths(case_id, fmt)
     if force or not all((out / p).exists() for p in paths.values()):
-        case = synth_cxr(seed, size)
+        case = synth_cxr(seed, size, findings=findings)
+        record = {"findings": case["params"]["findings"], "details": case["params"]["finding_details"]}
         for name in (*CXR_STRUCTURES, "body"):
             write_png_atomic(case["masks"][name].astype(np.uint8) * np.uint8(255), out / paths[name], compress_level=1)
         img = case["image"]
@@ -171,13 +175,25 @@ def _write_cxr_case(out_dir: str, index: int, seed: int, size: int, fmt: str, bi
             ds.PresentationLUTShape = "IDENTITY"
             ds.PixelData = np.rint(img * 65535.0).astype("<u2").tobytes()
             _write_dicom(out / paths["image"], ds)
+        write_json_atomic(record, out / paths["findings"], indent=1)  # last: it marks the case complete
+    else:
+        record = _read_json(out / paths["findings"])
     return {
         "image": paths["image"],
         "label": [paths[s] for s in CXR_STRUCTURES],
         "body": paths["body"],
         "case_id": case_id,
+        "patient_id": case_id,
+        "findings": record["findings"],
         "seed": int(seed),
     }
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(path, f"unreadable ({exc}); delete it to regenerate the case") from exc
 
 
 def _uid(*parts: str) -> str:
@@ -195,17 +211,23 @@ def write_cxr_dataset(
     bit_depth: int = 8,
     overwrite: bool = False,
     progress: bool = False,
+    findings: bool = True,
 ) -> Path:
     """Write ``n`` phantom CXRs, one PNG mask per structure and a MONAI datalist.
 
     Layout under ``out_dir``: ``images/cxr_0000.png`` (grayscale, ``bit_depth`` 8 or 16) or
     ``images/cxr_0000.dcm`` (DX, MONOCHROME2, 16-bit, PixelSpacing, deterministic UIDs),
-    ``masks/cxr_0000_<structure>.png`` (uint8 0/255, also ``_body``), and ``dataset.json``::
+    ``masks/cxr_0000_<structure>.png`` (uint8 0/255, also ``_body``), ``masks/cxr_0000_findings.json``
+    (``{"findings": {name: bool}, "details": {...}}``, :func:`synth_cxr`'s ``params``) and ``dataset.json``::
 
         {"name": ..., "modality": "CXR", "structures": [...], "spacing": [sx, sy],
          "training": [{"image": "images/cxr_0000.png", "label": ["masks/cxr_0000_left_lung.png", ...],
-                       "body": "masks/cxr_0000_body.png", "case_id": "cxr_0000", "seed": ...}],
+                       "body": "masks/cxr_0000_body.png", "case_id": "cxr_0000", "patient_id": "cxr_0000",
+                       "findings": {"cardiomegaly": false, "nodule": true, ...}, "seed": ...}],
          "validation": [...], "test": []}
+
+    Each case is its own patient (``patient_id`` = ``case_id``). ``findings=False``: phantoms
+    without nodule / effusion / pneumothorax (``synth_cxr(..., findings=False)``).
 
     Paths are relative to the datalist. Case ``i`` uses ``case_seed(seed, i)``; it is in the
     validation split when ``floor((i + 1) * val_fraction) > floor(i * val_fraction)``. Every file
@@ -229,11 +251,13 @@ def write_cxr_dataset(
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out, out / "images", out / "masks")
-    params = {"kind": "cxr", "version": GENERATOR_VERSION, "size": int(size), "seed": int(seed), "format": fmt}
+    params = {"kind": "cxr", "version": CXR_GENERATOR_VERSION, "size": int(size), "seed": int(seed), "format": fmt,
+              "findings": bool(findings)}
     if fmt == "png":
         params["bit_depth"] = int(bit_depth)
     _check_params(out, params, overwrite)
-    jobs = [(str(out), i, case_seed(seed, i), int(size), fmt, int(bit_depth), bool(overwrite)) for i in range(n)]
+    jobs = [(str(out), i, case_seed(seed, i), int(size), fmt, int(bit_depth), bool(overwrite), bool(findings))
+            for i in range(n)]
     entries = _run_cases(_write_cxr_case, jobs, workers, progress, "synth cxr")
     spacing = 400.0 / size
     return _write_dataset_json(
