@@ -14,6 +14,7 @@ import importlib
 CONVERTERS: dict[str, tuple[str, str]] = {
     "mhh-covid-lungs": (".mhh_covid_lungs", "MHH COVID-19 CXRs with V7 lung masks -> span_cxr datalist"),
     "nih-cxr14": (".nih_cxr14", "NIH ChestX-ray14 -> 14 findings + No Finding, official split, boxes"),
+    "nih-cxr14-subset": (".nih_cxr14_subset", "the 1000 NIH 64 px thumbnails -> cxr_cls datalist (patient-wise) + pretraining list"),
     "chexpert": (".chexpert", "CheXpert train/valid CSVs -> 14 observations, uncertainty policy, views"),
     "jsrt-scr": (".jsrt_scr", "JSRT raw 12-bit images + SCR masks -> lungs, heart, clavicles (+ exemplar)"),
     "tb-cxr": (".tb_cxr", "Montgomery + Shenzhen TB sets -> lung masks (separate/merged), TB labels"),

@@ -17,6 +17,10 @@ Output (``out_dir``)::
                                     (each with the exemplar prior); validation = the other cases
                                     with labels [left_lung mask, right_lung mask]; an "exemplar"
                                     record whose paths are relative to the datalist folder
+    seg_datalist.json               only with ``seg_train=N`` (``--seg-train N``): the cxr_seg
+                                    datalist: training = N labeled cases, the exemplar + N - 1
+                                    others drawn by ``seed``; test = all the other cases; NO
+                                    validation section (see "Segmentation datalist" below)
 
 Rules:
 
@@ -35,6 +39,14 @@ Rules:
   the others ``left_lung``. A component without such a waist (its narrowest middle column holds
   at least half of the smaller side's widest column) is taken as one lung and not cut.
   ``left_lung | right_lung`` is exactly the resized lung mask; the two never overlap.
+- Segmentation datalist (``seg_train=N``): the label budget is N images, and the exemplar (whose
+  masks already made the priors) is one of them; the other N - 1 are drawn by :func:`seg_split`
+  with ``seed`` from the other patients. Entries: ``image``, ``label`` = [left_lung mask,
+  right_lung mask] (``hparams::structures`` order), ``case_id``, ``patient_id`` (the manifest's
+  ``mhh_patient_id``; the image id when that column is absent: the set has one radiograph per
+  patient). Whole patients go to one side. There is no validation section: with 5 labels none is
+  held out for model selection, so cxr_seg trains its whole budget and scores the final weights
+  on the test section (the other 30 cases).
 - Writes are atomic (temporary file + rename) and a re-run skips every file already there, so
   an interrupted conversion resumes. ``conversion.json`` records size and ignore rule: re-using
   an output folder with other values raises :class:`~medspan.errors.DataError`. A prior whose
@@ -48,6 +60,7 @@ Example::
 
     # command line, from the repository root:
     python -m data_prep.mhh_covid_lungs --out data/mhh_lungs --size 256 --exemplar 0
+    python -m data_prep.mhh_covid_lungs --out data/mhh_lungs --size 256 --seg-train 5 --seed 0
 
 Then pretrain (the command printed by the CLI)::
 
@@ -91,6 +104,7 @@ __all__ = [
     "split_lungs",
     "convert_case",
     "convert",
+    "seg_split",
     "bundle_command",
     "add_arguments",
     "run",
@@ -101,6 +115,7 @@ __all__ = [
 STRUCTURES: tuple[str, ...] = ("left_lung", "right_lung")
 DATASET_DIR = "mhh_covid_cxr_v7_lungs"
 DATALIST_NAME = "span_datalist.json"
+SEG_DATALIST_NAME = "seg_datalist.json"
 SETTINGS_NAME = "conversion.json"
 MASK_LUNG, MASK_IGNORE = 255, 127
 #: a component is "big" when it holds at least this fraction of the lung area
@@ -120,19 +135,21 @@ def default_root() -> Path:
 @dataclass(frozen=True)
 class Case:
     """One manifest row: ``case_id`` (MHH image id), absolute ``image`` and ``mask`` paths, ``row``
-    (1-based data row number in manifest.csv, header not counted)."""
+    (1-based data row number in manifest.csv, header not counted), ``patient_id`` (the
+    ``mhh_patient_id`` column, else the case id)."""
 
     case_id: str
     image: Path
     mask: Path
     row: int
+    patient_id: str = ""
 
 
 def read_manifest(root: str | os.PathLike) -> list[Case]:
     """Read ``<root>/manifest.csv`` (csv module) and check that every listed file exists.
 
     The case id is the ``mhh_image_id`` column, or the image file's stem when that column is
-    absent or empty.
+    absent or empty; the patient id is the ``mhh_patient_id`` column, or the case id.
 
     Raises:
         DataError: no manifest, missing ``image``/``mask`` columns, an empty or unsafe id, a
@@ -175,7 +192,8 @@ def read_manifest(root: str | os.PathLike) -> list[Case]:
         for kind, p in (("image", image), ("mask", mask)):
             if not p.is_file():
                 raise DataError(p, f"{kind} file listed in {manifest.name} row {i} (case {case_id}) does not exist")
-        cases.append(Case(case_id, image.resolve(), mask.resolve(), i))
+        patient_id = (r.get("mhh_patient_id") or "").strip() or case_id
+        cases.append(Case(case_id, image.resolve(), mask.resolve(), i, patient_id))
     if not cases:
         raise DataError(manifest, "the manifest lists no cases")
     return cases

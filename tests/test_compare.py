@@ -342,6 +342,13 @@ def test_encoder_health_flags_a_collapsed_encoder(tmp_path: Path) -> None:
     assert "features are constant (no spread across cases)" in health["dead"]["reasons"]
     assert health["alive"]["effective_rank"] > 1.0 and health["alive"]["knn_accuracy"] is not None
     assert health == ds.encoder_health_rows(encoders, datalist)  # deterministic, scratch included
+    # a segmentation datalist without ``labels``: no k-NN figure, the other checks still run
+    doc = json.loads(datalist.read_text())
+    for e in doc["validation"]:
+        del e["labels"]
+    (tmp_path / "seg.json").write_text(json.dumps(doc))
+    seg = ds.encoder_health_rows({"alive": alive}, tmp_path / "seg.json")["alive"]
+    assert seg["knn_accuracy"] is None and seg["effective_rank"] == health["alive"]["effective_rank"]
 
     # through compare(): the collapsed column, the warning line in results.md
     train, _ = _bundles(tmp_path)
@@ -360,3 +367,19 @@ def test_encoder_health_flags_a_collapsed_encoder(tmp_path: Path) -> None:
     assert "WARNING: encoder 'scratch'" not in md and "| scratch (reference) |" in md
     assert "At 100% labels, dead is best (mean_dice 1.000, n=1 — flagged collapsed): +0.625 over scratch (0.375)." in md
     assert any(m.startswith("WARNING: encoder 'dead' looks collapsed") for m in lines)
+
+
+def test_undefined_values_are_left_out_and_said() -> None:
+    """A cell whose key metric is undefined (None, e.g. no class with positives) counts in no mean."""
+    def row(enc: str, seed: int, value: float | None) -> dict:
+        return {"task": "cls", "encoder": enc, "fraction": 1.0, "seed": seed, "n_train": 4, "key_metric": "mean_auc",
+                "value": value, "ci_lo": None, "ci_hi": None, "eval_section": "test", "run_dir": f"c/{enc}{seed}",
+                "collapsed": None}
+
+    rows = [row("a", 0, 0.5), row("a", 1, None), row("b", 0, None)]
+    stats = ds.aggregate(rows)
+    assert stats == {"a": {1.0: {"mean": 0.5, "sd": None, "n": 1}}, "b": {1.0: {"mean": None, "sd": None, "n": 0}}}
+    md = ds.format_results_md(task="cls", mode=None, rows=rows, health={}, encoders={"a": None, "b": None})
+    assert "| a | 0.500 (n=1) |" in md and "| b | undefined |" in md
+    assert md.endswith("At 100% labels, a is best (mean_auc 0.500, n=1) (the only encoder).\n")
+    assert ds.results_csv(rows).splitlines()[2] == "cls,a,1.0,1,4,mean_auc,,,,test,c/a1,"

@@ -55,6 +55,7 @@ __all__ = [
     "cached_features",
     "case_mean_ci",
     "check_mode",
+    "choice_section",
     "class_names",
     "cosine_lambda",
     "entry_labels",
@@ -63,6 +64,7 @@ __all__ = [
     "fraction_entries",
     "predict",
     "pretrained_identity",
+    "validation_entries",
 ]
 
 logger = logging.getLogger("medspan")
@@ -84,6 +86,25 @@ def fraction_entries(
     entries = load_datalist(datalist, "training", require=tuple(require))
     subset = label_fraction_subsets(entries, fractions=(float(fraction),), seed=int(seed), patient_key=patient_key)
     return list(subset[float(fraction)])
+
+
+def validation_entries(datalist: str | os.PathLike, require: Sequence[str] = ("image",)) -> list[dict[str, Any]]:
+    """The validation entries, or ``[]`` (with one line saying what that means) when there are none.
+
+    Without validation there is no model selection: the run trains for its whole budget and the
+    final weights are scored (e.g. 5 labeled images, all used for training).
+    """
+    doc = read_datalist_json(datalist)
+    if not doc.get("validation"):
+        print(f"[medspan] {datalist}: no validation entries; no model selection or early stopping, "
+              "the final weights are scored", flush=True)
+        return []
+    return load_datalist(datalist, "validation", require=tuple(require))
+
+
+def choice_section(datalist: str | os.PathLike) -> str:
+    """Where a setting is chosen: ``"validation"`` when it has entries, else ``"training"`` (never the scored section)."""
+    return "validation" if read_datalist_json(datalist).get("validation") else "training"
 
 
 def eval_section(datalist: str | os.PathLike) -> str:
@@ -500,8 +521,9 @@ class ZeroLabelScore:
 
     Each structure's mask is its assigned head's CLS->patch attention (last block), upsampled to the
     image and thresholded by attention mass (:func:`medspan.eval.segmentation.attention_masks`). The
-    one setting, the mass, is CHOSEN on the validation section (best mean Dice over ``masses``) and
-    the report is on the evaluation section, so no image both picks the threshold and is scored.
+    one setting, the mass, is CHOSEN on the validation section (the training section when there is
+    no validation; best mean Dice over ``masses``) and the report is on the evaluation section, so no
+    image both picks the threshold and is scored.
 
     Args:
         encoder: the pretrained ViT.
@@ -509,12 +531,13 @@ class ZeroLabelScore:
         structures: the structures to segment (each must have a head).
         choose_dataset / eval_dataset: items ``{"image": (1, H, W), "label": (S, H, W)}``.
         masses: candidate attention masses.
+        choose_section: the section ``choose_dataset`` comes from (recorded).
     """
 
     def __init__(self, encoder: nn.Module, head_of: Mapping[str, int], structures: Sequence[str],
                  choose_dataset: Sequence[Mapping[str, Any]], eval_dataset: Sequence[Mapping[str, Any]],
                  masses: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-                 device: torch.device | str = "cpu", batch_size: int = 8) -> None:
+                 device: torch.device | str = "cpu", batch_size: int = 8, choose_section: str = "validation") -> None:
         missing = [s for s in structures if s not in head_of]
         if missing:
             raise DataError("<pretraining run>", f"no prior-guided head for {missing} (head_structures: {dict(head_of)})")
@@ -523,6 +546,7 @@ class ZeroLabelScore:
         self.choose_dataset, self.eval_dataset = choose_dataset, eval_dataset
         self.masses = [float(m) for m in masses]
         self.device, self.batch_size = device, int(batch_size)
+        self.choose_section = choose_section
 
     @torch.no_grad()
     def maps(self, dataset: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -550,6 +574,6 @@ class ZeroLabelScore:
         emaps, elabels = self.maps(self.eval_dataset)
         report = self._score(emaps, elabels, mass)
         report["mean_dice_ci"] = case_mean_ci(report, self.structures)
-        report.update(mass=mass, mass_chosen_on="validation", validation_dice_by_mass=choice,
+        report.update(mass=mass, mass_chosen_on=self.choose_section, validation_dice_by_mass=choice,
                       heads=dict(zip(self.structures, self.heads)))
         return report

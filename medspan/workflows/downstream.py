@@ -69,9 +69,11 @@ from medspan.models.vit import VisionTransformer
 
 __all__ = [
     "CELL_FINGERPRINT",
+    "CSV_COLUMNS",
     "DEFAULT_BUNDLES",
     "DEFAULT_ENCODERS",
     "MAIN_JOB",
+    "TASKS",
     "ZERO_LABEL_BUNDLE",
     "Cell",
     "CompareReport",
@@ -82,6 +84,7 @@ __all__ = [
     "check_encoders",
     "compare",
     "encoder_health_rows",
+    "format_health",
     "format_results_md",
     "log_mlflow",
     "parse_encoders",
@@ -425,6 +428,7 @@ def run_cell(
     bundle: str | os.PathLike,
     overrides: Mapping[str, Any],
     run_dir: str | os.PathLike,
+    on_start: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Run one cell through ``ConfigWorkflow``, or reuse it when it already finished with the same fingerprint.
 
@@ -433,6 +437,7 @@ def run_cell(
         bundle: the bundle config (``train.json`` / ``zero_label.json``).
         overrides: :func:`cell_overrides` of the cell (its ``work_dir``/``run_name`` give ``run_dir``).
         run_dir: ``work_dir/run_name``, where the bundle writes ``final_summary.json``.
+        on_start: called just before the bundle runs (not for a reused cell).
 
     Returns:
         ``(final_summary, skipped)``; ``skipped`` is True when the earlier result was reused.
@@ -448,6 +453,8 @@ def run_cell(
         _check_summary(summary, cell, summary_file)
         return summary, True
     fp_file.unlink(missing_ok=True)  # a crash below must not leave an old fingerprint beside a new summary
+    if on_start is not None:
+        on_start()
     wf = ConfigWorkflow(config_file=str(bundle), workflow_type="train", **dict(overrides))
     wf.initialize()
     wf.run()
@@ -700,7 +707,10 @@ def format_results_md(
     lines += ["", "## Encoder health", ""]
     if health:
         lines += [
-            f"On the {_health_where(health)}; scratch is the untrained reference, not judged.",
+            (
+                f"On the {_health_where(health)}. Scratch (random weights) is the reference: a random ViT "
+                "often fails these checks too, and it is not judged."
+            ),
             "",
             format_health(health, encoders),
             "",
@@ -812,6 +822,9 @@ def plot_results(
 def _dispose(client: Any) -> None:
     """Release the SQLite engine of an MLflow client (MLflow has no public close)."""
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    dispose = getattr(store, "_dispose_engine", None)
+    if callable(dispose):
+        dispose()
     for attr in ("engine", "read_engine"):
         engine = getattr(store, attr, None)
         if engine is not None and hasattr(engine, "dispose"):
@@ -1004,8 +1017,9 @@ def compare(
         run_dir = work_dir / cell.run_name
         what = f"cell {i}/{len(cells)} {cell.run_name}"
         t0 = time.perf_counter()
-        log(f"{what}: start")
-        summary, skipped = run_cell(cell, zl_bundle if cell.zero_label else bundle, over, run_dir)
+        summary, skipped = run_cell(
+            cell, zl_bundle if cell.zero_label else bundle, over, run_dir, on_start=lambda w=what: log(f"{w}: start")
+        )
         row = _row(task, cell, summary, run_dir)
         summaries.append(summary)
         report.rows.append(row)
