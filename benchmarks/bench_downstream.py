@@ -9,14 +9,15 @@ with no pretrained weights: the speed does not depend on the weights):
   ``layer_decay_param_groups(net, 1e-3, 0.05, 0.75)``, inside a MONAI ``SupervisedTrainer`` whose
   ``_iteration`` is called once per step: copy of the batch to the device, forward, loss, backward,
   optimizer step. Batch 8 (the bundle's ``batch_size``).
-* ``cxr_seg inference``: the same network in a MONAI ``SupervisedEvaluator`` (eval mode, no autograd),
-  then the sigmoid of the logits (the validation post-processing before its threshold). Batch 8 (the
-  bundle's validation batch; ``inference.json`` runs batch 1).
+* ``cxr_seg inference``: the same network in a MONAI ``SupervisedEvaluator`` (eval mode, no autograd)
+  with the bundle's validation post-processing (``Activationsd`` sigmoid, ``AsDiscreted`` threshold
+  0.5, per decollated item); no metric. Batch 8 (the bundle's validation batch; ``inference.json``
+  runs batch 1 and writes files, which is not timed).
 * ``cxr_cls fine-tune step``: :class:`medspan.models.classifier.ViTClassifier` (5 classes, CLS
   pooling), ``BCEWithLogitsLoss`` with positive weights, ``AdamW`` with layer-wise lr decay
   (5e-4, 0.05, 0.75) in a ``SupervisedTrainer``. Batch 16 (the bundle's ``batch_size``).
-* ``cxr_cls inference``: the classifier in a ``SupervisedEvaluator``, then the sigmoid. Batch 8
-  (``inference.json``'s batch).
+* ``cxr_cls inference``: the classifier in a ``SupervisedEvaluator`` with the sigmoid as
+  post-processing (``Activationsd``). Batch 8 (``inference.json``'s batch).
 * ``cxr_cls probe features``: the linear probe's one-off cost,
   :func:`medspan.engines.downstream.cached_features` of the frozen classifier on 32 images (its own
   batch of 32): forward of the frozen encoder, CLS features copied to the host.
@@ -36,12 +37,14 @@ Configurations:
   stages, skips from blocks 3, 6, 9, 12) at 224 px. On a GPU by default; on a CPU only with
   ``--large`` (a step takes seconds there).
 
-Reported per measurement: median (and minimum) seconds per step over the timed steps after warm-up,
-images per second (batch / median), steps per second, peak memory (CPU: the process's peak resident
-set size during the steps, its high-water mark reset just before the warm-up; GPU:
-``torch.cuda.max_memory_allocated`` over the warm-up and the steps, ``torch.cuda.synchronize`` around
-every timed step). No ratio is claimed here, so the measurements run one after another, not
-interleaved: compare absolute numbers only between rows of the same device.
+Every task runs in a freshly spawned process of its own (``--in-process`` to run them all in this
+one), so that its peak memory is its own. Reported per task: median (and minimum) seconds per step
+over the timed steps after warm-up, images per second (batch / median), steps per second, peak
+memory (CPU: peak resident set size of the task's process, imports and network included, with how
+much it grew during warm-up and steps; GPU: ``torch.cuda.max_memory_allocated`` over warm-up and
+steps, with ``torch.cuda.synchronize`` around every timed step). No ratio is claimed here, so the
+tasks run one after another, not interleaved: compare absolute numbers only between rows of the same
+device.
 
 Usage::
 
@@ -55,8 +58,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
 import json
+import multiprocessing
 import resource
 import shlex
 import statistics
@@ -72,8 +77,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _table import markdown_table, merge_rows, parse_table, read_section, update_section  # noqa: E402
-from bench_span_step import environment, resolve_device  # noqa: E402
+from _table import markdown_table, merge_rows, parse_table, read_section, update_section
+from bench_span_step import environment, resolve_device
 
 SECTION = "downstream"
 N_STRUCTURES = 3  # cxr_seg: left lung, right lung, heart
@@ -83,14 +88,15 @@ WEIGHT_DECAY, LAYER_DECAY = 0.05, 0.75
 FEATURE_SIZE = 16
 HEAD_STEP_FACTOR = 10  # the linear head's step is ~1000x cheaper: 10x more steps for a stable median
 
-TASKS = (
-    "cxr_seg train step",
-    "cxr_seg inference",
-    "cxr_cls fine-tune step",
-    "cxr_cls inference",
-    "cxr_cls probe features",
-    "cxr_cls probe head step",
-)
+TASKS: dict[str, str] = {
+    "seg_train": "cxr_seg train step",
+    "seg_infer": "cxr_seg inference",
+    "cls_finetune": "cxr_cls fine-tune step",
+    "cls_infer": "cxr_cls inference",
+    "probe_features": "cxr_cls probe features",
+    "probe_head": "cxr_cls probe head step",
+}
+"""``--only`` name -> the task as the table names it, in the order they run."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +123,6 @@ class Config:
     cls_batch: int = 16
     cls_infer_batch: int = 8
     feature_batch: int = 32
-
-    def describe(self) -> str:
-        return f"{self.model} at {self.img_size} px"
 
 
 def make_configs(quick: bool, device: torch.device, large: bool, steps: int | None) -> list[Config]:
@@ -233,13 +236,15 @@ def build_measurement(task: str, cfg: Config, device: torch.device, seed: int = 
         what = f"ViTUNETR({cfg.model}, {net.num_stages} stages, skips {list(net.skip_layers)}), {s} px"
         if task == "cxr_seg train step":
             b = cfg.seg_batch
-            batch = {"image": _images(b, s, g), "label": (torch.rand(b, N_STRUCTURES, s, s, generator=g) < 0.5).float()}
+            masks = (torch.rand(b, N_STRUCTURES, s, s, generator=g) < 0.5).float()
+            batch = {"image": _images(b, s, g), "label": masks}
             opt = torch.optim.AdamW(layer_decay_param_groups(net, SEG_LR, WEIGHT_DECAY, LAYER_DECAY), lr=SEG_LR)
             trainer = _trainer(net, opt, DiceCELoss(sigmoid=True), device, batch)
             return Measurement(task, _train_step(trainer, batch), b, _n_params(net), what)
         b = cfg.seg_infer_batch
         post = Compose([Activationsd(keys="pred", sigmoid=True), AsDiscreted(keys="pred", threshold=0.5)])
-        return Measurement(task, _infer_step(net, device, {"image": _images(b, s, g)}, post), b, _n_params(net), what)
+        step = _infer_step(net, device, {"image": _images(b, s, g)}, post)
+        return Measurement(task, step, b, _n_params(net), what)
 
     if task in ("cxr_cls fine-tune step", "cxr_cls inference"):
         net = ViTClassifier(_encoder(cfg), N_CLASSES, pool="cls").to(device)
@@ -249,36 +254,32 @@ def build_measurement(task: str, cfg: Config, device: torch.device, seed: int = 
             labels = _class_labels(b, g)
             batch = {"image": _images(b, s, g), "label": labels}
             loss = torch.nn.BCEWithLogitsLoss(pos_weight=positive_weights(labels).to(device))
-            opt = torch.optim.AdamW(
-                layer_decay_param_groups(net, CLS_FT_LR, WEIGHT_DECAY, LAYER_DECAY), lr=CLS_FT_LR
-            )
+            opt = torch.optim.AdamW(layer_decay_param_groups(net, CLS_FT_LR, WEIGHT_DECAY, LAYER_DECAY), lr=CLS_FT_LR)
             trainer = _trainer(net, opt, loss, device, batch)
             return Measurement(task, _train_step(trainer, batch), b, _n_params(net), what)
         b = cfg.cls_infer_batch
         post = Compose([Activationsd(keys="pred", sigmoid=True)])
-        return Measurement(task, _infer_step(net, device, {"image": _images(b, s, g)}, post), b, _n_params(net), what)
+        step = _infer_step(net, device, {"image": _images(b, s, g)}, post)
+        return Measurement(task, step, b, _n_params(net), what)
 
     clf = ViTClassifier(_encoder(cfg), N_CLASSES, pool="cls", freeze_encoder=True).to(device)
     if task == "cxr_cls probe features":
         b = cfg.feature_batch
         items = [{"image": img, "label": lab} for img, lab in zip(_images(b, s, g), _class_labels(b, g))]
         what = f"cached_features(frozen {cfg.model}), {s} px, its batch {b}"
-        return Measurement(
-            task, lambda: cached_features(clf, items, device, batch_size=b), b, _n_params(clf.encoder), what
-        )
+        return Measurement(task, lambda: cached_features(clf, items, device, b), b, _n_params(clf.encoder), what)
     if task == "cxr_cls probe head step":
         b = cfg.cls_batch
         head = clf.head
         labels = _class_labels(b, g)
         batch = {"image": torch.randn(b, clf.num_features, generator=g), "label": labels}
-        opt = torch.optim.AdamW(
-            [{"params": list(head.parameters()), "lr": CLS_PROBE_LR, "weight_decay": WEIGHT_DECAY}], lr=CLS_PROBE_LR
-        )
+        groups = [{"params": list(head.parameters()), "lr": CLS_PROBE_LR, "weight_decay": WEIGHT_DECAY}]
+        opt = torch.optim.AdamW(groups, lr=CLS_PROBE_LR)  # the bundle's linear-probe optimizer
         loss = torch.nn.BCEWithLogitsLoss(pos_weight=positive_weights(labels).to(device))
         trainer = _trainer(head, opt, loss, device, batch)
         what = f"nn.Linear({clf.num_features}, {N_CLASSES}) on cached {cfg.model} CLS features"
         return Measurement(task, _train_step(trainer, batch), b, _n_params(head), what)
-    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS.values())}")
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -307,8 +308,12 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def run_measurement(task: str, cfg: Config, device: torch.device, log=print) -> dict:
-    """Build ``task`` on ``cfg``, warm up, time the steps; returns times, throughput and peak memory."""
+def run_measurement(task: str, cfg: Config, device: torch.device, isolated: bool = False, log=print) -> dict:
+    """Build ``task`` on ``cfg``, warm up, time the steps; returns times, throughput and peak memory.
+
+    ``isolated``: the caller runs this in a process of its own (:func:`run_isolated`); only changes
+    how the CPU peak memory is described.
+    """
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -350,13 +355,17 @@ def run_measurement(task: str, cfg: Config, device: torch.device, log=print) -> 
     if device.type == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["peak_note"] = "torch.cuda.max_memory_allocated"
-    elif hwm_reset:
-        peak = _status_mb("VmHWM")
+    else:
+        peak = _status_mb("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         out["peak_mem_mb"] = peak
-        out["peak_note"] = f"peak RSS during the steps (+{peak - base_rss:.0f} MiB over the start)"
-    else:  # no HWM reset: the process's peak so far
-        out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        out["peak_note"] = "process peak RSS so far (high-water mark not resettable here)"
+        out["peak_growth_mb"] = peak - base_rss
+        if not hwm_reset:
+            where = "process peak RSS so far (its high-water mark cannot be reset here)"
+        elif isolated:
+            where = "peak RSS of a process that runs only this task (imports and network included)"
+        else:
+            where = "peak RSS from the warm-up on, in one process with the tasks before"
+        out["peak_note"] = f"{where}, +{peak - base_rss:.0f} MiB in warm-up and steps"
     del m
     gc.collect()
     if device.type == "cuda":
@@ -364,24 +373,29 @@ def run_measurement(task: str, cfg: Config, device: torch.device, log=print) -> 
     return out
 
 
+def _child(task: str, cfg: Config, device: str, threads: int | None) -> dict:
+    """:func:`run_measurement` in a fresh process (the target of :func:`run_isolated`)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return run_measurement(task, cfg, torch.device(device), isolated=True)
+
+
+def run_isolated(task: str, cfg: Config, device: torch.device, threads: int | None) -> dict:
+    """:func:`run_measurement` in a freshly spawned process, so its peak memory is its own.
+
+    A process's resident memory does not shrink when tensors are freed (the allocator keeps it), so
+    measured one after another in one process every task after the largest would show the largest's
+    peak; in its own process each task's peak covers the imports, its network and its steps only.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_child, task, cfg, str(device), threads).result()
+
+
 # ---------------------------------------------------------------------------------------------- report
 HEADER = [
-    "config",
-    "task",
-    "network",
-    "device",
-    "threads",
-    "batch",
-    "s/step (median)",
-    "s/step (min)",
-    "images/s",
-    "steps/s",
-    "peak memory (MiB)",
-    "what peak",
-    "steps",
-    "torch",
-    "date",
-    "command",
+    "config", "task", "network", "device", "threads", "batch", "s/step (median)", "s/step (min)", "images/s",
+    "steps/s", "peak memory (MiB)", "what peak", "steps", "torch", "date", "command",
 ]
 KEY_COLUMNS = [0, 1, 3]  # configuration (config + task) and device
 
@@ -416,7 +430,8 @@ def print_report(results: Sequence[dict], env: dict) -> None:
     print()
     print(
         f"date {env['date']} | device {env['device']}: {env['device_name']} | threads {env['threads']} "
-        f"(logical CPUs {env['logical_cpus']}) | torch {env['torch']}" + (f" | CUDA {env['cuda']}" if env["cuda"] else "")
+        f"(logical CPUs {env['logical_cpus']}) | torch {env['torch']}"
+        + (f" | CUDA {env['cuda']}" if env["cuda"] else "")
     )
     cols = ["config", "task", "batch", "s/step (median)", "s/step (min)", "images/s", "steps/s", "peak MiB", "steps"]
     rows = [
@@ -450,9 +465,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="64 px, tiny batches, 2 steps (smoke check; nothing written)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (torch.set_num_threads)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (the probe head step: 10x)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per task (the probe head step: 10x)")
     p.add_argument("--large", action="store_true", help="on a CPU also run vit_small_224 (slow; always on a GPU)")
-    p.add_argument("--only", choices=TASKS, action="append", default=None, help="run only this task (repeatable)")
+    p.add_argument("--only", choices=list(TASKS), action="append", default=None, help="run only this task (repeatable)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every task in this process (faster; a CPU peak memory then also covers the tasks before)",
+    )
     p.add_argument("--update-readme", action="store_true", help="write the rows into benchmarks/README.md")
     p.add_argument("--readme", type=Path, default=HERE / "README.md", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=None, help="also write every step time and the summary here")
@@ -472,8 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"bench_downstream: {env['device_name']} ({device}), {env['threads']} threads, torch {env['torch']}, "
         f"{env['date']}" + (" [quick]" if args.quick else "")
     )
-    tasks = [t for t in TASKS if args.only is None or t in args.only]
-    results = [run_measurement(t, c, device) for c in make_configs(args.quick, device, args.large, args.steps) for t in tasks]
+    tasks = [label for key, label in TASKS.items() if args.only is None or key in args.only]
+    results = [
+        run_measurement(t, c, device) if args.in_process else run_isolated(t, c, device, args.threads)
+        for c in make_configs(args.quick, device, args.large, args.steps)
+        for t in tasks
+    ]
     print_report(results, env)
     command = shlex.join(["python", "benchmarks/bench_downstream.py", *list(sys.argv[1:] if argv is None else argv)])
     if args.json:

@@ -76,6 +76,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ from PIL import Image
 from scipy import ndimage, sparse
 
 from medspan.atlas.statistics import save_prior, soften_masks
-from medspan.data.datalist import write_datalist
+from medspan.data.datalist import format_datalist, write_datalist
 from medspan.errors import DataError
 from medspan.io import worker_pool, write_json_atomic, write_png_atomic
 from medspan.recipes.cxr import exemplar_masks
@@ -97,18 +98,18 @@ from .common import converter_main
 __all__ = [
     "STRUCTURES",
     "Case",
-    "default_root",
-    "read_manifest",
-    "load_lung_mask",
-    "resize_mask",
-    "split_lungs",
-    "convert_case",
-    "convert",
-    "seg_split",
-    "bundle_command",
     "add_arguments",
-    "run",
+    "bundle_command",
+    "convert",
+    "convert_case",
+    "default_root",
+    "load_lung_mask",
     "main",
+    "read_manifest",
+    "resize_mask",
+    "run",
+    "seg_split",
+    "split_lungs",
 ]
 
 #: structures in channel / label order (the synthetic default's first two, same names)
@@ -214,7 +215,7 @@ def _load_gray(path: Path) -> Image.Image:
             return im.copy() if im.mode == "L" else im.convert("L")
     except DataError:
         raise
-    except Exception as e:  # noqa: BLE001 - PIL raises several types for corrupt files
+    except Exception as e:
         raise DataError(path, f"cannot read image ({type(e).__name__}: {e})") from e
 
 
@@ -230,7 +231,7 @@ def load_lung_mask(path: str | os.PathLike, ignore_as_lung: bool = True) -> np.n
     try:
         with Image.open(path) as im:
             arr = np.asarray(im)
-    except Exception as e:  # noqa: BLE001 - PIL raises several types for corrupt files
+    except Exception as e:
         raise DataError(path, f"cannot read mask ({type(e).__name__}: {e})") from e
     if arr.ndim != 2 or arr.dtype != np.uint8:
         raise DataError(path, f"expected a single-channel uint8 mask, got shape {arr.shape} dtype {arr.dtype}")
@@ -390,7 +391,7 @@ def convert_case(
         try:
             with Image.open(case.image) as header:
                 image_size = header.size
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise DataError(case.image, f"cannot read image ({type(e).__name__}: {e})") from e
     if need_masks:
         lung = load_lung_mask(case.mask, ignore_as_lung)
@@ -426,6 +427,54 @@ def _resolve_exemplar(cases: Sequence[Case], exemplar: str | int, manifest: Path
     if not 0 <= int(exemplar) < len(cases):
         raise DataError(manifest, f"exemplar index {exemplar} out of range (0..{len(cases) - 1})")
     return cases[int(exemplar)]
+
+
+def seg_split(cases: Sequence[Case], exemplar_id: str, n_train: int, seed: int = 0) -> tuple[list[Case], list[Case]]:
+    """``(training, test)`` cases of the cxr_seg datalist: exactly ``n_train`` labeled images, patient-wise.
+
+    Training holds every case of the exemplar's patient, then the other patients in the order
+    ``random.Random(seed).shuffle`` gives their ids (first seen in manifest order), each patient
+    taken whole while it fits (one with more images than the room left is passed over); test
+    holds the rest. Both lists keep the manifest order.
+
+    Raises:
+        ValueError: ``n_train`` < 1 or not below the number of cases (nothing left to test on),
+            an unknown exemplar, or no way to reach exactly ``n_train`` with whole patients.
+
+    Example::
+
+        train, test = seg_split(cases, "a8ac1969", 5, seed=0)
+        len(train), len(test)      # (5, 30) on the 35 MHH cases
+    """
+    ids = [c.case_id for c in cases]
+    if exemplar_id not in ids:
+        raise ValueError(f"exemplar {exemplar_id!r} is not one of the cases")
+    if not 1 <= int(n_train) < len(cases):
+        raise ValueError(f"seg_train must be in 1..{len(cases) - 1} (the others are the test set), got {n_train}")
+    by_patient: dict[str, list[str]] = {}
+    for c in cases:
+        by_patient.setdefault(c.patient_id or c.case_id, []).append(c.case_id)
+    ex_patient = next(p for p, members in by_patient.items() if exemplar_id in members)
+    chosen = set(by_patient[ex_patient])
+    others = [p for p in by_patient if p != ex_patient]
+    random.Random(int(seed)).shuffle(others)
+    for p in others:
+        if len(chosen) + len(by_patient[p]) <= n_train:
+            chosen.update(by_patient[p])
+    if len(chosen) != n_train:
+        raise ValueError(f"cannot pick exactly {n_train} training images from whole patients (got {len(chosen)}; "
+                         f"the exemplar's patient {ex_patient} has {len(by_patient[ex_patient])})")
+    return [c for c in cases if c.case_id in chosen], [c for c in cases if c.case_id not in chosen]
+
+
+def _write_if_changed(path: Path, sections: dict[str, list[dict]], meta: dict[str, Any]) -> Path:
+    """Write a datalist unless the file already holds exactly this text (a re-run leaves it untouched)."""
+    text = format_datalist(path, sections, **meta)
+    try:
+        same = path.read_text(encoding="utf-8") == text
+    except OSError:
+        same = False
+    return path if same else write_datalist(path, sections, **meta)
 
 
 def _check_settings(out_dir: Path, size: int, ignore_as_lung: bool) -> dict[str, Any]:
@@ -469,6 +518,8 @@ def convert(
     mask_sigma: float = 4.0,
     ignore_as_lung: bool = True,
     workers: int = 1,
+    seg_train: int | None = None,
+    seed: int = 0,
 ) -> Path:
     """Convert the MHH COVID CXR lung set into a ``span_cxr`` datalist; return its path.
 
@@ -482,6 +533,10 @@ def convert(
         mask_sigma: Gaussian softening of the exemplar masks, in output pixels.
         ignore_as_lung: count the 127 ("ignore", devices over the lung) pixels as lung.
         workers: processes converting cases in parallel.
+        seg_train: also write ``<out_dir>/seg_datalist.json`` for cxr_seg with this many labeled
+            training images (the exemplar + ``seg_train - 1`` drawn by ``seed``), the other cases
+            as test and no validation section (None: not written). See :func:`seg_split`.
+        seed: the draw of the segmentation training cases.
 
     Returns:
         absolute path of ``<out_dir>/span_datalist.json``.
@@ -489,10 +544,12 @@ def convert(
     Raises:
         DataError: a missing or corrupt manifest, image or mask (the message names the file),
             a bad exemplar, or an output folder made with another size / ignore rule.
+        ValueError: a size below 2, or a ``seg_train`` that :func:`seg_split` cannot honour.
 
     Example::
 
-        path = convert(None, "data/mhh_lungs", size=256, exemplar="a8ac1969")
+        path = convert(None, "data/mhh_lungs", size=256, exemplar="a8ac1969", seg_train=5)
+        path.parent / "seg_datalist.json"       # the cxr_seg datalist (5 training, 30 test)
     """
     root = Path(root) if root is not None else default_root()
     if int(size) < 2:
@@ -500,6 +557,7 @@ def convert(
     size = int(size)
     cases = read_manifest(root)
     ex = _resolve_exemplar(cases, exemplar, root / "manifest.csv")
+    split = seg_split(cases, ex.case_id, int(seg_train), seed) if seg_train is not None else None
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _check_settings(out_dir, size, ignore_as_lung)
@@ -560,6 +618,27 @@ def convert(
         current = None
     if current != expected:
         write_datalist(datalist, {"training": training, "validation": validation}, **meta)
+    if split is not None:
+        def seg_entry(c: Case) -> dict[str, Any]:
+            return {"image": str(by_id[c.case_id]["image"]),
+                    "label": [str(by_id[c.case_id][s]) for s in STRUCTURES],
+                    "case_id": c.case_id, "patient_id": c.patient_id or c.case_id}
+
+        seg_meta = dict(
+            meta,
+            name=f"MHH COVID-19 CXR lungs, {size}x{size}: {len(split[0])} labeled training images, {len(split[1])} test",
+            description=(
+                f"Converted by data_prep.mhh_covid_lungs (cxr_seg): training = the exemplar {ex.case_id} + "
+                f"{len(split[0]) - 1} cases drawn with seed {seed} (whole patients); test = the other cases; no "
+                "validation section (no labels left for model selection: the final weights are scored). "
+                "label = [left_lung, right_lung] masks; right_lung = image left."
+            ),
+            seg_train=len(split[0]),
+            seed=int(seed),
+        )
+        _write_if_changed(out_dir / SEG_DATALIST_NAME,
+                          {"training": [seg_entry(c) for c in split[0]], "test": [seg_entry(c) for c in split[1]]},
+                          seg_meta)
     return datalist
 
 
@@ -591,24 +670,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ignore-as-background", action="store_true", help="treat 127 (ignore) mask pixels as background, not lung"
     )
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    parser.add_argument(
+        "--seg-train", type=int, default=None, metavar="N",
+        help="also write seg_datalist.json for cxr_seg: N labeled training images (the exemplar + N-1 drawn by "
+             "--seed), the other cases as test, no validation section (default: not written)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --seg-train draw (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Convert; print the datalist path and the bundle command. Returns the exit code."""
     try:
         path = convert(args.root, args.out, size=args.size, exemplar=args.exemplar, mask_sigma=args.sigma,
-                       ignore_as_lung=not args.ignore_as_background, workers=args.workers)
+                       ignore_as_lung=not args.ignore_as_background, workers=args.workers,
+                       seg_train=args.seg_train, seed=args.seed)
     except (DataError, ValueError) as exc:
         print(f"mhh_covid_lungs: error: {exc}", file=sys.stderr)
         return 2
     print(f"datalist: {path}")
     print("pretrain with:")
     print(f"  {bundle_command(path)}")
+    if args.seg_train is not None:
+        print(f"segmentation datalist (cxr_seg): {path.parent / SEG_DATALIST_NAME}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m data_prep.mhh_covid_lungs --out DIR [--root R] [--size 256] [--exemplar 0] [--sigma 4]``."""
+    """``python -m data_prep.mhh_covid_lungs --out DIR [--root R] [--size 256] [--exemplar 0] [--sigma 4] [--seg-train N]``."""
     return converter_main("data_prep.mhh_covid_lungs", __doc__, add_arguments, run, argv)
 
 

@@ -62,7 +62,13 @@ from medspan.data.datalist import write_datalist
 from medspan.errors import DataError
 from medspan.io import write_json_atomic, write_text_atomic
 
-from .common import Report, add_common_arguments, converter_main, run_converter, run_items
+from .common import (
+    Report,
+    add_common_arguments,
+    converter_main,
+    run_converter,
+    run_items,
+)
 from .cxr_common import (
     CacheSpec,
     PictureJob,

@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 RESUMABLE: dict[str, str] = {
     "build-priors": "Finished images are kept; run the same command again to resume with the rest.",
     "prepare": "Finished items are kept; run the same command again to resume with the rest.",
+    "compare": "Finished cells are kept; run the same command again to resume with the rest.",
 }
 
 
