@@ -9,27 +9,28 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from medspan.data_prep.mhh_covid_lungs import (
     STRUCTURES,
+    Case,
     bundle_command,
     convert,
     load_lung_mask,
     main,
     read_manifest,
     resize_mask,
+    seg_split,
     split_lungs,
 )
-from medspan.data.datalist import load_datalist  # noqa: E402
-from medspan.recipes.cxr import exemplar_masks  # noqa: E402
-from medspan.errors import DataError  # noqa: E402
-from medspan.atlas.statistics import soften_masks  # noqa: E402
+from PIL import Image
+
+from medspan.atlas.statistics import soften_masks
+from medspan.data.datalist import load_datalist
+from medspan.errors import DataError
+from medspan.recipes.cxr import exemplar_masks
 
 REAL_ROOT = Path(__file__).resolve().parents[2] / "shared/data/real" / "mhh_covid_cxr_v7_lungs"
 needs_real = pytest.mark.skipif(not (REAL_ROOT / "manifest.csv").is_file(), reason=f"{REAL_ROOT} not present")
@@ -256,6 +257,84 @@ def test_cli_prints_datalist_and_bundle_command(tmp_path, capsys):
     assert "manifest not found" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------- the cxr_seg datalist
+
+
+def _cases(patients: list[str]) -> list[Case]:
+    """One case per listed patient id, named c0, c1, ... (paths unused by seg_split)."""
+    return [Case(f"c{i}", Path(f"c{i}.jpg"), Path(f"c{i}.png"), i + 1, p) for i, p in enumerate(patients)]
+
+
+def test_seg_split_budget_exemplar_and_whole_patients():
+    cases = _cases([f"p{i}" for i in range(10)])
+    for seed in range(5):
+        train, test = seg_split(cases, "c3", 4, seed)
+        ids = [c.case_id for c in train]
+        assert len(ids) == 4 and "c3" in ids
+        assert sorted(ids + [c.case_id for c in test]) == sorted(c.case_id for c in cases)
+        assert ids == sorted(ids, key=lambda k: int(k[1:]))  # manifest order kept
+        assert seg_split(cases, "c3", 4, seed) == (train, test)  # fixed by the seed
+    draws = {tuple(c.case_id for c in seg_split(cases, "c3", 4, seed)[0]) for seed in range(5)}
+    assert len(draws) > 1  # the seed changes the draw
+    # patients p0 and p1 hold two images each, p2 one: with budget 3 and the exemplar c0 (patient p0, 2 images)
+    # only the one-image patient p2 fits, whatever the seed
+    cases = _cases(["p0", "p0", "p1", "p1", "p2"])
+    for seed in range(4):
+        train, test = seg_split(cases, "c0", 3, seed)
+        assert [c.case_id for c in train] == ["c0", "c1", "c4"] and [c.case_id for c in test] == ["c2", "c3"]
+    with pytest.raises(ValueError, match="cannot pick exactly 1 training images from whole patients"):
+        seg_split(cases, "c0", 1)
+    with pytest.raises(ValueError, match=r"seg_train must be in 1\.\.4"):
+        seg_split(cases, "c0", 5)
+    with pytest.raises(ValueError, match="exemplar 'zz' is not one of the cases"):
+        seg_split(cases, "zz", 2)
+
+
+def test_convert_writes_seg_datalist_without_validation(tmp_path):
+    root = _write_set(tmp_path / "src", n=4)
+    path = convert(root, tmp_path / "out", size=8, exemplar="c2", seg_train=2, seed=1)
+    seg = path.parent / "seg_datalist.json"
+    doc = json.loads(seg.read_text())
+    assert "validation" not in doc and doc["structures"] == ["left_lung", "right_lung"]
+    assert (doc["seg_train"], doc["seed"], doc["exemplar"]["case_id"]) == (2, 1, "c2")
+    train_ids = [e["case_id"] for e in doc["training"]]
+    assert len(train_ids) == 2 and "c2" in train_ids
+    assert sorted(train_ids + [e["case_id"] for e in doc["test"]]) == ["c0", "c1", "c2", "c3"]
+    e = next(e for e in doc["training"] if e["case_id"] == "c2")
+    # the small set has no mhh_patient_id column: the patient is the image id
+    assert e == {"image": "images/c2.png", "label": ["masks/c2_left_lung.png", "masks/c2_right_lung.png"],
+                 "case_id": "c2", "patient_id": "c2"}
+    assert len(load_datalist(seg, "test", require=("image", "label"))) == 2
+    # the same call again leaves the file alone; another seed or budget rewrites it
+    before = seg.stat().st_mtime_ns
+    convert(root, tmp_path / "out", size=8, exemplar="c2", seg_train=2, seed=1)
+    assert seg.stat().st_mtime_ns == before
+    convert(root, tmp_path / "out", size=8, exemplar="c2", seg_train=3, seed=1)
+    assert len(json.loads(seg.read_text())["training"]) == 3
+    with pytest.raises(ValueError, match=r"seg_train must be in 1\.\.3"):
+        convert(root, tmp_path / "out", size=8, exemplar="c2", seg_train=4)
+    # without seg_train no seg datalist is written
+    convert(root, tmp_path / "plain", size=8)
+    assert not (tmp_path / "plain" / "seg_datalist.json").exists()
+
+
+def test_manifest_patient_id_column_and_cli_seg_train(tmp_path, capsys):
+    root = _write_set(tmp_path / "src", n=3)
+    with open(root / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r, pid in zip(rows, ["pa", "pb", ""]):
+        r["mhh_patient_id"] = pid
+    _write_manifest(root / "manifest.csv", rows)
+    assert [c.patient_id for c in read_manifest(root)] == ["pa", "pb", "c2"]  # empty -> the image id
+    out = tmp_path / "out"
+    assert main(["--root", str(root), "--out", str(out), "--size", "8", "--seg-train", "2", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"segmentation datalist (cxr_seg): {out.resolve()}/seg_datalist.json"
+    doc = json.loads((out / "seg_datalist.json").read_text())
+    assert {e["case_id"]: e["patient_id"] for e in doc["training"] + doc["test"]} == {"c0": "pa", "c1": "pb", "c2": "c2"}
+    assert main(["--root", str(root), "--out", str(out), "--size", "8", "--seg-train", "3"]) == 2
+    assert "seg_train must be in 1..2" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------- the real set
 
 
@@ -268,7 +347,7 @@ def real64(tmp_path_factory):
 @needs_real
 @pytest.mark.real_data
 def test_real_images_and_masks(real64):
-    path, out = real64
+    _path, out = real64
     cases = read_manifest(REAL_ROOT)
     assert len(cases) == 35 and len(list((out / "images").glob("*.png"))) == 35
     for c in cases:
@@ -332,3 +411,22 @@ def test_real_missing_image_in_manifest(tmp_path):
     with pytest.raises(DataError, match=r"images/gone_missing\.jpg: image file listed in manifest\.csv row 5"):
         convert(root, tmp_path / "out", size=64)
     assert not (tmp_path / "out").exists()
+
+
+@needs_real
+@pytest.mark.real_data
+def test_real_seg_datalist_5_train_30_test(real64):
+    _path, out = real64
+    convert(REAL_ROOT, out, size=64, seg_train=5, seed=0)  # the converted files are reused: only the datalist is new
+    seg = out / "seg_datalist.json"
+    train = load_datalist(seg, "training", require=("image", "label", "patient_id"))
+    test = load_datalist(seg, "test", require=("image", "label", "patient_id"))
+    assert (len(train), len(test)) == (5, 30)
+    ex = read_manifest(REAL_ROOT)[0]
+    assert ex.case_id in {e["case_id"] for e in train}
+    with open(REAL_ROOT / "manifest.csv", newline="") as f:
+        patient_of = {r["mhh_image_id"]: r["mhh_patient_id"] for r in csv.DictReader(f)}
+    assert all(e["patient_id"] == patient_of[e["case_id"]] for e in train + test)
+    assert not {e["patient_id"] for e in train} & {e["patient_id"] for e in test}
+    assert "validation" not in json.loads(seg.read_text())
+    seg.unlink()  # leave the shared fixture folder as the other tests expect it
