@@ -58,9 +58,9 @@ def findings_multi_hot(findings: Mapping[str, bool]) -> list[int]:
 
 def prepare_downstream_cxr(
     data_dir: str | os.PathLike,
-    n_cases: int = 240,
-    n_val: int = 40,
-    n_test: int = 80,
+    n_cases: int = 600,
+    n_val: int = 100,
+    n_test: int = 200,
     size: int = 128,
     seed: int = 1,
     structures: Sequence[str] = ("left_lung", "right_lung", "heart"),

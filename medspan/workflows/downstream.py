@@ -492,12 +492,18 @@ def _row(task: str, cell: Cell, summary: Mapping[str, Any], run_dir: Path) -> di
 # ----------------------------------------------------------------------------------------------
 
 
-def _health_entries(datalist: str | os.PathLike) -> tuple[list[dict[str, Any]], str]:
+def _health_entries(datalist: str | os.PathLike, max_images: int = 1000) -> tuple[list[dict[str, Any]], str]:
+    """The training and validation images (never the scored test section), at most ``max_images``.
+
+    k-NN accuracy on a few dozen images is too noisy to call an encoder collapsed, so both sections
+    are used; without either, the test section.
+    """
     data = read_datalist_json(datalist)
-    for section in ("validation", "test"):
-        if data.get(section):
-            return load_datalist(datalist, section), section
-    raise DataError(datalist, "no validation or test section: nothing to check the encoders on")
+    names = [s for s in ("training", "validation") if data.get(s)] or [s for s in ("test",) if data.get(s)]
+    if not names:
+        raise DataError(datalist, "no training, validation or test section: nothing to check the encoders on")
+    entries = [e for s in names for e in load_datalist(datalist, s)]
+    return entries[:max_images], "+".join(names)
 
 
 def _load_images(entries: Sequence[Mapping[str, Any]], size: Sequence[int]) -> torch.Tensor:
@@ -519,7 +525,8 @@ def encoder_health_rows(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`~medspan.eval.collapse.encoder_health` of every encoder on the datalist's validation images.
+    """:func:`~medspan.eval.collapse.encoder_health` of every encoder on the datalist's training and
+    validation images (at most 1000; the test section only when there is nothing else).
 
     Images are loaded with MONAI (``MedspanReader``, channel first, :class:`CXRNormalize`) and
     resized to the encoder's own ``img_size``. The k-NN accuracy uses the entries' multi-hot

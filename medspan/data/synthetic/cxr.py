@@ -35,9 +35,10 @@ CXR_STRUCTURES: tuple[str, ...] = ("left_lung", "right_lung", "heart", "spine", 
 CXR_FINDINGS: tuple[str, ...] = ("cardiomegaly", "nodule", "effusion", "pneumothorax")
 """The findings :func:`synth_cxr` records per case in ``params["findings"]`` (classification labels)."""
 
-CXR_GENERATOR_VERSION = 2
+CXR_GENERATOR_VERSION = 3
 """Version of the CXR phantom's image content, recorded by the writers (1: no findings but
-cardiomegaly; 2: nodule, effusion and pneumothorax added). A folder written by another version is
+cardiomegaly; 2: nodule, effusion and pneumothorax added; 3: the three made larger so a classifier
+trained on a few hundred 128-px phantoms learns them). A folder written by another version is
 refused, so cases of two versions are never mixed."""
 
 FINDING_PREVALENCE = 0.25
@@ -95,11 +96,11 @@ def synth_cxr(seed: int, size: int = 256, findings: bool = True) -> dict[str, An
     Findings (:data:`CXR_FINDINGS`), each depending on the anatomy of the case:
 
     * ``cardiomegaly`` (20%): a wider heart (part of the anatomy draw; the heart mask follows it);
-    * ``nodule`` (25%): a round soft-tissue opacity 8-20 mm across, inside one lung field;
-    * ``effusion`` (25%): fluid density filling the lateral costophrenic angle of one lung, with a
-      meniscus (higher at the chest wall) and no vessel markings through it;
-    * ``pneumothorax`` (25%): a rim of lucency without vessel markings along the apex and upper
-      lateral edge of one lung, bounded by a thin bright visceral pleural line.
+    * ``nodule`` (25%): a round soft-tissue opacity 15-35 mm across, inside one lung field;
+    * ``effusion`` (25%): fluid density filling the lateral costophrenic angle of one lung (40-80 mm
+      high at the wall, about half that medially: the whole lung base), with a meniscus (higher at the chest wall) and no vessel markings through it;
+    * ``pneumothorax`` (25%): a rim of lucency (20-36 mm) without vessel markings along the apex and
+      upper lateral edge of one lung, bounded by a thin bright visceral pleural line.
 
     The last three are drawn from their own random stream (``default_rng([seed, 7])``), so the
     anatomy, the masks and the rest of the image are those of ``findings=False`` for the same
@@ -449,10 +450,10 @@ def _findings_attenuation(
     size = x.shape[0]
     flags = frng.random(3) < FINDING_PREVALENCE
     sides = ["left_lung" if frng.random() < 0.5 else "right_lung" for _ in range(3)]
-    nod_t, nod_d_mm, nod_aspect, nod_angle = frng.random(), frng.uniform(8.0, 20.0), frng.uniform(0.85, 1.15), frng.uniform(0, np.pi)
-    nod_amp = frng.uniform(0.26, 0.36)
-    eff_h, eff_w, eff_amp = frng.uniform(0.1, 0.2), frng.uniform(0.18, 0.35), frng.uniform(0.5, 0.58)
-    ptx_d, ptx_dir, ptx_spread = frng.uniform(0.06, 0.11), np.deg2rad(frng.uniform(40, 80)), np.deg2rad(frng.uniform(70, 95))
+    nod_t, nod_d_mm, nod_aspect, nod_angle = frng.random(), frng.uniform(15.0, 35.0), frng.uniform(0.85, 1.15), frng.uniform(0, np.pi)
+    nod_amp = frng.uniform(0.35, 0.5)
+    eff_h, eff_w, eff_amp = frng.uniform(0.2, 0.4), frng.uniform(0.3, 0.6), frng.uniform(0.5, 0.58)
+    ptx_d, ptx_dir, ptx_spread = frng.uniform(0.1, 0.18), np.deg2rad(frng.uniform(40, 80)), np.deg2rad(frng.uniform(70, 95))
     ptx_line = frng.uniform(0.14, 0.2)
 
     extra = np.zeros_like(x)
@@ -485,7 +486,7 @@ def _findings_attenuation(
             score = np.where(mask, lat + v, -np.inf)
             r0, c0 = np.unravel_index(int(np.argmax(score)), score.shape)  # the costophrenic angle
             a_cp, v_cp = float(lat[r0, c0]), float(v[r0, c0])
-            surface = f32(v_cp) - f32(eff_h) * np.exp(np.minimum(lat - f32(a_cp), 0) * f32(1 / eff_w))
+            surface = f32(v_cp) - f32(eff_h) * (f32(0.45) + f32(0.55) * np.exp(np.minimum(lat - f32(a_cp), 0) * f32(1 / eff_w)))
             depth = v - surface
             fluid = np.clip(depth * f32(1 / (1.5 * px)) + 0.5, 0, 1) * (f32(0.75) + f32(0.25) * smoothstep(depth * f32(1 / eff_h)))
             fluid *= air * (1 - f32(0.85) * heart_soft) * body_soft
@@ -506,7 +507,7 @@ def _findings_attenuation(
             inner = np.clip(field / edge + 0.5, 0, 1)
             rim = inner * np.clip((width - field) / edge + 0.5, 0, 1) * (width > 0)
             line = np.exp(-0.5 * ((field - width) / f32(0.6 * px)) ** 2) * smoothstep(width / f32(0.3 * ptx_d)) * inner
-            extra += -rim * (vessel_term + f32(0.1) * air) + f32(ptx_line) * line * body_soft
+            extra += -rim * (vessel_term + f32(0.25) * air) + f32(ptx_line) * line * body_soft
             details["pneumothorax"] = {"side": sides[2], "depth_mm": round(float(ptx_d * mm), 2)}
     return (extra.astype(np.float32) if details else None), details
 
