@@ -337,7 +337,7 @@ def test_encoder_health_flags_a_collapsed_encoder(tmp_path: Path) -> None:
     health = ds.encoder_health_rows(encoders, datalist)
     assert torch.equal(state, torch.random.get_rng_state())  # the scratch reference leaves the caller's RNG alone
     assert list(health) == ["scratch", "alive", "dead"]
-    assert all((h["n_images"], h["section"], h["n"], h["dim"]) == (12, "validation", 12, 96) for h in health.values())
+    assert all((h["n_images"], h["section"], h["n"], h["dim"]) == (14, "training+validation", 14, 96) for h in health.values())
     assert health["dead"]["collapsed"] is True and health["dead"]["effective_rank"] == 0.0
     assert "features are constant (no spread across cases)" in health["dead"]["reasons"]
     assert health["alive"]["effective_rank"] > 1.0 and health["alive"]["knn_accuracy"] is not None
