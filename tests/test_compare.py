@@ -383,3 +383,15 @@ def test_undefined_values_are_left_out_and_said() -> None:
     assert "| a | 0.500 (n=1) |" in md and "| b | undefined |" in md
     assert md.endswith("At 100% labels, a is best (mean_auc 0.500, n=1) (the only encoder).\n")
     assert ds.results_csv(rows).splitlines()[2] == "cls,a,1.0,1,4,mean_auc,,,,test,c/a1,"
+
+
+def test_zero_label_cells_only_for_encoders_with_guided_heads(tmp_path: Path) -> None:
+    """A plain-DINO baseline run (recorded ``baseline: true``) gets no zero-label cell; a SPAN run does."""
+    span = _run_folder(tmp_path / "span", build_vit("vit_toy", in_chans=1, img_size=32))
+    dino = Path(_run_folder(tmp_path / "dino", build_vit("vit_toy", in_chans=1, img_size=32)))
+    rec = json.loads((dino / "final_summary.json").read_text())
+    (dino / "final_summary.json").write_text(json.dumps({**rec, "baseline": True}))
+    assert ds.has_guided_heads(span) and not ds.has_guided_heads(str(dino)) and not ds.has_guided_heads(None)
+    cells = ds.plan_cells({"scratch": None, "dino": str(dino), "span": span}, [1.0], [0], zero_label=True,
+                          guided=ds.has_guided_heads)
+    assert [c.run_name for c in cells] == ["span_zero_label", "scratch_f1_s0", "dino_f1_s0", "span_f1_s0"]

@@ -292,13 +292,33 @@ class Cell:
         return f"{self.encoder}_f{self.fraction:g}_s{self.seed}"
 
 
+def has_guided_heads(pretrained: str | os.PathLike | None) -> bool:
+    """True when ``pretrained`` is a pretraining run whose heads were guided by priors (SPAN).
+
+    A plain-DINO baseline records no ``head_structures``; a bare ``model.pt`` or a folder without
+    ``final_summary.json`` has no record, and is taken as guided (the zero-label bundle then says
+    what is missing).
+    """
+    if pretrained is None:
+        return False
+    path = Path(pretrained)
+    if not path.is_dir():
+        return True
+    spec = resolve_pretrained(path)
+    return spec.hparams is None or bool(spec.head_structures)
+
+
 def plan_cells(
     encoders: Mapping[str, str | None],
     fractions: Sequence[float],
     seeds: Sequence[int],
     zero_label: bool = False,
+    guided: Callable[[str | None], bool] = lambda p: p is not None,
 ) -> list[Cell]:
-    """Every cell of a comparison: zero-label cells first (one per pretrained encoder), then encoder x fraction x seed.
+    """Every cell of a comparison: zero-label cells first (one per encoder with guided heads), then encoder x fraction x seed.
+
+    ``guided(path)`` says whether an encoder has prior-guided heads (zero-label masks need them;
+    :func:`has_guided_heads` for real runs).
 
     Example::
 
@@ -307,7 +327,7 @@ def plan_cells(
     """
     cells: list[Cell] = []
     if zero_label:
-        cells += [Cell(name, path, 0.0, None) for name, path in encoders.items() if path is not None]
+        cells += [Cell(name, path, 0.0, None) for name, path in encoders.items() if path is not None and guided(path)]
     for name, path in encoders.items():
         for fraction in fractions:
             cells += [Cell(name, path, float(fraction), int(seed)) for seed in seeds]
@@ -1016,7 +1036,7 @@ def compare(
             raise DataError(b, "bundle config not found (run from the repository root, or give the bundle)")
     out = Path(out if out is not None else f"bundles/cxr_{task}/runs/compare" + (f"_{mode}" if mode else ""))
     work_dir = out / "cells"
-    cells = plan_cells(encoders, fractions, seeds, zero_label)
+    cells = plan_cells(encoders, fractions, seeds, zero_label, guided=has_guided_heads)
     report = CompareReport(rows=[], stats={}, health={})
     summaries = []
     for i, cell in enumerate(cells, 1):
