@@ -809,7 +809,7 @@ def plot_results(
     key = rows[0]["key_metric"] if rows else ""
     fractions = sorted({float(r["fraction"]) for r in rows if float(r["fraction"]) > 0})
     x_zero = (fractions[0] if fractions else 1.0) / 4
-    fig = Figure(figsize=(6.0, 4.0), dpi=120)
+    fig = Figure(figsize=(7.5, 4.0), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for i, enc in enumerate(encoders or list(stats)):
@@ -841,7 +841,7 @@ def plot_results(
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never hides a point
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
