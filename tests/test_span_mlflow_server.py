@@ -160,8 +160,14 @@ def test_full_disk_error_ends_the_run_failed(store: str) -> None:
 
 def test_ctrl_c_ends_the_run_killed(store: str) -> None:
     """A real SIGINT to this process (Python turns it into KeyboardInterrupt in the main thread)."""
-    with pytest.raises(KeyboardInterrupt):
-        _tracked_run(store, "ctrl-c", lambda e: os.kill(os.getpid(), signal.SIGINT))
+    # started as a background job (``cmd &`` without job control), the process inherits SIGINT
+    # ignored; a terminal's Ctrl-C reaches Python's default handler, so put that one in place here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _tracked_run(store, "ctrl-c", lambda e: os.kill(os.getpid(), signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     run = _run_of(store, "ctrl-c")
     assert run.info.status == "KILLED" and run.data.tags[END_REASON].startswith("KeyboardInterrupt")
 
@@ -224,6 +230,7 @@ def test_bundle_nan_stop_and_ctrl_c_leave_no_running_run(tmp_path: Path) -> None
     # interpreter then exits with 130 (as a real Ctrl-C should) -- which would fail pytest's own run.
     script = f"""
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also under a background job
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from bundle_utils import make_workflow, toy_overrides
 from ignite.engine import Events
