@@ -275,22 +275,7 @@ def test_cxr_cls_inference_probabilities(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", PROBE_BUNDLES)
 def test_inference_on_a_model_pt_in_a_fresh_copy(name: str, tmp_path: Path) -> None:
     """inference.json of a copied bundle where no training ran: a random model.pt, two images, from another cwd."""
-    copy = tmp_path / "fresh" / name
-    shutil.copytree(BUNDLES / name, copy, ignore=shutil.ignore_patterns("runs"))
-    assert not (copy / "runs").exists()
-    images = toy_inputs(name, tmp_path / "images", n=2)
-    model = tmp_path / "weights" / "model.pt"
-    model.parent.mkdir()
-    state = _toy_model(name, model, **TOY_INFERENCE[name])
-    cwd = tmp_path / "elsewhere"
-    cwd.mkdir()
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(copy / "inference.json"),
-           "--model_path", str(model), "--input", str(tmp_path / "images"), *cli_args(TOY_INFERENCE[name])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not list(cwd.iterdir()), "inference wrote into the working directory"
-
+    copy, images, state = _fresh_copy_inference(name, tmp_path)
     out = copy / "runs" / name / "inference"
     nii = sorted(out.glob("*_attention.nii.gz"))
     assert [p.name for p in nii] == [f"{p.name.split('.')[0]}_attention.nii.gz" for p in images]

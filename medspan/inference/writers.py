@@ -80,6 +80,14 @@ def find_images(source: str | os.PathLike | None, section: str = "validation", l
     return items[:limit] if limit else items
 
 
+def _batch_output(engine: Engine) -> dict[str, Any]:
+    """The evaluator's ``{"image", "pred"}`` batch (re-stacked when the engine decollated it)."""
+    out = engine.state.output
+    if isinstance(out, list):
+        out = {k: torch.stack([torch.as_tensor(o[k]) for o in out]) for k in ("image", "pred")}
+    return out
+
+
 def image_stems(images: Any) -> list[str]:
     """Output name stems of a batch ``(B, ...)``: each image's file name without its suffix
     (``meta["filename_or_obj"]``), else ``image_<b>``."""
@@ -121,9 +129,7 @@ class AttentionMapWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        out = engine.state.output
-        if isinstance(out, list):
-            out = {k: torch.stack([torch.as_tensor(o[k]) for o in out]) for k in ("image", "pred")}
+        out = _batch_output(engine)
         images, maps = out["image"], out["pred"]
         names = image_stems(images)
         for b in range(maps.shape[0]):
@@ -201,9 +207,7 @@ class MaskWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        out = engine.state.output
-        if isinstance(out, list):
-            out = {k: torch.stack([torch.as_tensor(o[k]) for o in out]) for k in ("image", "pred")}
+        out = _batch_output(engine)
         images, logits = out["image"], out["pred"]
         if logits.shape[1] != len(self.structures):
             raise DataError("<network output>", f"{logits.shape[1]} channels but {len(self.structures)} structures")
@@ -252,9 +256,7 @@ class ProbabilityWriter:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def __call__(self, engine: Engine) -> None:
-        out = engine.state.output
-        if isinstance(out, list):
-            out = {k: torch.stack([torch.as_tensor(o[k]) for o in out]) for k in ("image", "pred")}
+        out = _batch_output(engine)
         images, logits = out["image"], out["pred"]
         if logits.ndim != 2 or logits.shape[1] != len(self.classes):
             raise DataError("<network output>", f"expected (B, {len(self.classes)}) logits, got {tuple(logits.shape)}")
