@@ -39,6 +39,7 @@ from medspan.errors import DataError
 __all__ = [
     "data_settings",
     "exemplar_masks",
+    "given_or_synthetic",
     "prepare_synthetic_cxr",
     "pretraining_datalist",
     "registered_priors",
@@ -177,12 +178,34 @@ def pretraining_datalist(
 
         pretraining_datalist(None, "runs/data/synthetic_cxr", settings={"n_cases": 20, "n_val": 4, "size": 64})
     """
+    return given_or_synthetic(datalist, prepare_synthetic_cxr, data_dir, seed=seed, structures=structures,
+                              settings=settings)
+
+
+def given_or_synthetic(
+    datalist: str | os.PathLike | None,
+    make: Any,
+    data_dir: str | os.PathLike,
+    *,
+    seed: int,
+    structures: Sequence[str],
+    settings: Mapping[str, Any] | None = None,
+) -> str:
+    """``datalist`` when given (it must exist), else ``make(data_dir, seed=, structures=, **settings)``.
+
+    ``make`` is a set generator (:func:`prepare_synthetic_cxr`, ``prepare_downstream_cxr``); ``settings``
+    are checked against its arguments by :func:`data_settings`.
+
+    Raises:
+        DataError: ``datalist`` does not exist.
+        ValueError: an unknown data setting.
+    """
     if datalist:
         if not Path(datalist).is_file():
             raise DataError(datalist, "datalist does not exist")
         return str(datalist)
-    kwargs = data_settings(settings, prepare_synthetic_cxr, exclude=("data_dir", "seed", "structures"))
-    return prepare_synthetic_cxr(data_dir, seed=seed, structures=structures, **kwargs)
+    kwargs = data_settings(settings, make, exclude=("data_dir", "seed", "structures"))
+    return make(data_dir, seed=seed, structures=structures, **kwargs)
 
 
 def data_settings(

@@ -36,7 +36,7 @@ from medspan.data.splits import check_patient_disjoint, patient_split
 from medspan.data.synthetic import write_cxr_dataset
 from medspan.data.synthetic.cxr import CXR_FINDINGS, CXR_GENERATOR_VERSION
 from medspan.errors import DataError
-from medspan.recipes.cxr import data_settings
+from medspan.recipes.cxr import given_or_synthetic
 
 __all__ = ["DOWNSTREAM_CLASSES", "downstream_datalist", "findings_multi_hot", "prepare_downstream_cxr"]
 
@@ -175,9 +175,5 @@ def downstream_datalist(
 
         downstream_datalist(None, "runs/data/downstream_cxr", settings={"n_cases": 24, "n_val": 4, "n_test": 8, "size": 64})
     """
-    if datalist:
-        if not Path(datalist).is_file():
-            raise DataError(datalist, "datalist does not exist")
-        return str(datalist)
-    kwargs = data_settings(settings, prepare_downstream_cxr, exclude=("data_dir", "seed", "structures"))
-    return prepare_downstream_cxr(data_dir, seed=seed, structures=structures, **kwargs)
+    return given_or_synthetic(datalist, prepare_downstream_cxr, data_dir, seed=seed, structures=structures,
+                              settings=settings)
